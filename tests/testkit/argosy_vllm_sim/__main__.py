@@ -1,0 +1,59 @@
+"""`argosy-vllm-sim`: run the simulated vLLM OpenAI server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from argosy_vllm_sim.server import SimConfig, serve_forever
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
+    parser = argparse.ArgumentParser(
+        prog="argosy-vllm-sim",
+        description="A simulated vLLM OpenAI-compatible server (test and benchmark equipment).",
+    )
+    parser.add_argument("--model", action="append", required=True, help="served model name (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token once running")
+    parser.add_argument("--itl-ms", type=float, default=0.0, help="interval between output tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="running requests; more wait")
+    parser.add_argument(
+        "--prefill-ms-per-token", type=float, default=0.0, help="added to TTFT per uncached prompt token"
+    )
+    parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--kv-cache-tokens", type=int, default=262_144, help="KV cache capacity in tokens")
+    args = parser.parse_args(argv)
+    try:
+        return SimConfig(
+            models=tuple(args.model),
+            host=args.host,
+            port=args.port,
+            ttft_ms=args.ttft_ms,
+            itl_ms=args.itl_ms,
+            max_num_seqs=args.max_num_seqs,
+            prefix_caching=not args.no_prefix_caching,
+            prefill_ms_per_token=args.prefill_ms_per_token,
+            max_model_len=args.max_model_len,
+            block_size=args.block_size,
+            kv_cache_tokens=args.kv_cache_tokens,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # parser.error exits; this keeps type checkers satisfied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    uvloop.run(serve_forever(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
