@@ -105,9 +105,11 @@ def cmd_run_pods(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="argosy-sandbox", description=__doc__)
     parser.add_argument("--state", help=f"state directory (default {state_dir()})")
-    parser.add_argument("--pools", help="YAML file of node pools (default: the built-in pools; env ARGOSY_SANDBOX_POOLS)")
+    parser.add_argument(
+        "--pools", help="YAML file of node pools (default: the built-in pools; env ARGOSY_SANDBOX_POOLS)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build the pinned upstream components into the cache").set_defaults(func=cmd_build)
+    commands.add_parser("build", help="build the pinned upstream components").set_defaults(func=cmd_build)
     commands.add_parser("up", help="start (or repair) the sandbox").set_defaults(func=cmd_up)
     commands.add_parser("down", help="stop every sandbox process").set_defaults(func=cmd_down)
     commands.add_parser("status", help="show components and nodes").set_defaults(func=cmd_status)

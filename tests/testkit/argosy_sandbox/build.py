@@ -193,7 +193,8 @@ def _run_go(
             if now - last_report >= 10:
                 last_report = now
                 share = f" ({min(99, 100 * compiled // total)}%)" if total else ""
-                report(f"    {name}: {compiled}{'/' + str(total) if total else ''} packages{share}, {now - started:.0f} s")
+                counted = f"{compiled}/{total}" if total else str(compiled)
+                report(f"    {name}: {counted} packages compiled{share}, {now - started:.0f} s")
         code = process.wait()
     finally:
         done.set()

@@ -9,6 +9,7 @@ processes whose pid file was lost.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -65,7 +66,9 @@ class ComponentStatus:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on the port (connections in TIME_WAIT don't count, as for the Go servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -324,7 +327,7 @@ class Sandbox:
                 str(build.KWOK.binary("kwok")),
                 f"--kubeconfig={kubeconfig}",
                 "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 f"--cidr={POD_CIDR}",
                 f"--node-ip={NODE_IP}",
                 "--node-lease-duration-seconds=40",
@@ -405,10 +408,20 @@ class Sandbox:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def up(self, timeout: float = 120.0) -> None:
+        """Bring every component up (keeping healthy ones), then the nodes; safe to call concurrently."""
         started = time.monotonic()
         build.ensure_built(report=self.report)
         for directory in (self.state, self.log_dir, self.run_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        with (self.state / "up.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._up_locked(timeout)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.report(f"sandbox ready in {time.monotonic() - started:.1f} s")
+
+    def _up_locked(self, timeout: float) -> None:
         pki.ensure_pki(self.pki_dir)
 
         running = {component for component in self.COMPONENTS if self._pid_of(component) is not None}
@@ -428,7 +441,6 @@ class Sandbox:
                 self._terminate(pid)
             self._start(component, ports, timeout)
         self.sync_nodes(timeout=timeout)
-        self.report(f"sandbox ready in {time.monotonic() - started:.1f} s")
 
     def _start(self, component: str, ports: Ports, timeout: float) -> None:
         port = self._port_of(component, ports)

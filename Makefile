@@ -1,0 +1,59 @@
+# Argosy: `make demo` runs the whole thing on the local sandbox; `make test` runs the tests.
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_INPUTS := images/constraints.txt operator/pyproject.toml gateway/pyproject.toml tests/testkit/pyproject.toml .ci/requirements-dev.in
+
+.PHONY: help venv sandbox-build sandbox-up sandbox-down sandbox-status manifests lint test test-unit test-e2e \
+        bench-gateway bench-operator demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+venv: .venv/.installed ## create .venv with the locked dependencies
+
+.venv/.installed: $(VENV_INPUTS)
+	@echo "==> installing Python dependencies into .venv (locked: images/constraints.txt)"
+	@test -x $(PY) || python3 -m venv .venv
+	@$(PY) -m pip install -q --disable-pip-version-check uv
+	@$(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt \
+		-e operator -e gateway -e tests/testkit -r .ci/requirements-dev.in
+	@touch $@
+
+sandbox-build: venv ## build the pinned etcd, Kubernetes, kwok and helm into the cache
+	@$(PY) -m argosy_sandbox build
+
+sandbox-up: venv ## start the local Kubernetes sandbox (idempotent)
+	@$(PY) -m argosy_sandbox up
+
+sandbox-down: ## stop every sandbox process
+	@if [ -x $(PY) ]; then $(PY) -m argosy_sandbox down; fi
+
+sandbox-status: venv ## show the sandbox's components and nodes
+	@$(PY) -m argosy_sandbox status
+
+manifests: venv ## regenerate the CRD, the chart's CRD template, the install manifest and the API reference
+	@$(PY) -m argosy_operator.crd
+
+lint: venv ## ruff
+	@$(PY) -m ruff check operator gateway tests
+
+test-unit: venv ## unit tests only (no sandbox)
+	@$(PY) -m pytest -q tests/unit
+
+test-e2e: sandbox-build ## end-to-end tests against the sandbox
+	@$(PY) -m pytest -q -m e2e tests
+
+test: sandbox-build ## every test: unit and end-to-end (starts or reuses the sandbox)
+	@$(PY) -m pytest -q tests
+
+bench-gateway: venv ## gateway vs direct, side by side (docs/benchmarks.md)
+	@$(PY) tests/bench/bench_gateway.py
+
+bench-operator: sandbox-build ## 200 LLMDeployments through the operator
+	@$(PY) tests/bench/bench_operator_scale.py
+
+demo: sandbox-build ## sandbox + helm install + two models + one chat completion through the gateway
+	@$(PY) -m argosy_sandbox.demo
+
+clean: sandbox-down ## stop the sandbox and remove its state (the binary cache is kept)
+	rm -rf .argosy

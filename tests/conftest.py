@@ -1,0 +1,45 @@
+"""Shared fixtures: the Kubernetes sandbox for end-to-end tests.
+
+The sandbox is brought up once per session, or reused when it already runs (a
+warm start takes seconds), and left running afterwards so the next run is fast;
+`make sandbox-down` stops it (CI does so at the end of .ci/run). Each test gets a
+fresh namespace, deleted when it ends.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from argosy_sandbox.cluster import Sandbox
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    instance = Sandbox(report=lambda message: None)
+    if not instance.is_up():
+        instance.up()
+    return instance
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(sandbox: Sandbox) -> Path:
+    return sandbox.kubeconfig
+
+
+@pytest.fixture
+def namespace(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{base}-{secrets.token_hex(3)}"
+    sandbox.kubectl("create", "namespace", name)
+    # Wait for the service account controller, so pods can be created straight away.
+    for _ in range(100):
+        if sandbox.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    yield name
+    sandbox.kubectl("delete", "namespace", name, "--wait=false", check=False)
