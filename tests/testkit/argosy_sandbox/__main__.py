@@ -82,14 +82,17 @@ def cmd_gomod(args: argparse.Namespace) -> int:
 
 
 def cmd_run_pods(args: argparse.Namespace) -> int:
-    from .podrunner import PodRunner, template_command
+    if not args.vllm_sim and not args.command:
+        print("error: give a command template or --vllm-sim", file=sys.stderr)
+        return 2
+    from .podrunner import SERVING_PODS_SELECTOR, PodRunner, template_command, vllm_simulator_command
 
     sandbox = _sandbox(args)
     runner = PodRunner(
         kubeconfig=sandbox.kubeconfig,
         namespace=args.namespace,
-        label_selector=args.selector,
-        command=template_command(shlex.split(args.command)),
+        label_selector=args.selector or SERVING_PODS_SELECTOR,
+        command=vllm_simulator_command() if args.vllm_sim else template_command(shlex.split(args.command)),
         log_dir=sandbox.log_dir / "pods",
     )
     stop = threading.Event()
@@ -115,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="show components and nodes").set_defaults(func=cmd_status)
     commands.add_parser("gomod", help="regenerate the kubernetes wrapper go.mod").set_defaults(func=cmd_gomod)
     run_pods = commands.add_parser("run-pods", help="run one process per Running pod, bound to its IP")
-    run_pods.add_argument("--selector", required=True, help="label selector of the pods")
+    run_pods.add_argument("--selector", help="label selector of the pods (default: the operator's serving pods)")
     run_pods.add_argument("--namespace", help="namespace (default: all)")
     run_pods.add_argument(
+        "--vllm-sim", action="store_true",
+        help="run the vLLM simulator on port 8000 with the pod's served model names (instead of a template)",
+    )
+    run_pods.add_argument(
         "command",
+        nargs="?",
         help="command template; {pod_ip}, {pod_name}, {namespace}, {annotations[KEY]}, {labels[KEY]} are filled in",
     )
     run_pods.set_defaults(func=cmd_run_pods)

@@ -10,10 +10,12 @@ runner re-lists from scratch, which also reconciles processes that died.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +28,8 @@ from kubernetes import client, config, watch
 log = logging.getLogger("argosy_sandbox.podrunner")
 
 CommandFor = Callable[[dict[str, Any]], list[str]]
+SERVED_NAMES_ANNOTATION = "argosy.dev/served-model-names"
+SERVING_PODS_SELECTOR = "app.kubernetes.io/managed-by=argosy-operator,argosy.dev/role in (server,leader)"
 
 
 def template_command(template: Sequence[str]) -> CommandFor:
@@ -44,6 +48,26 @@ def template_command(template: Sequence[str]) -> CommandFor:
             "labels": metadata.get("labels") or {},
         }
         return [argument.format(**fields) for argument in template]
+
+    return command
+
+
+def vllm_simulator_command(port: int = 8000, extra: Sequence[str] = ()) -> CommandFor:
+    """The vLLM simulator on the pod's IP, serving the names in the operator's served-model-names annotation."""
+
+    def command(pod: dict[str, Any]) -> list[str]:
+        annotations = pod["metadata"].get("annotations") or {}
+        try:
+            names = json.loads(annotations.get(SERVED_NAMES_ANNOTATION, "[]"))
+        except ValueError:
+            names = []
+        if not names:
+            names = [pod["metadata"]["labels"].get("argosy.dev/deployment", pod["metadata"]["name"])]
+        argv = [str(Path(sys.executable).parent / "argosy-vllm-sim"), "--host", pod["status"]["podIP"],
+                "--port", str(port)]
+        for name in names:
+            argv += ["--model", str(name)]
+        return argv + list(extra)
 
     return command
 
