@@ -1,0 +1,493 @@
+"""The LLMDeployment API (group argosy.dev, version v1alpha1) as pydantic models.
+
+These models are the one source of truth: the operator parses custom objects with them and
+`argosy_operator.crd` turns their JSON schema into the CRD's structural OpenAPI schema.
+Python names are snake_case; the wire format (and the CRD) is camelCase.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+GROUP = "argosy.dev"
+VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ("lld",)
+CATEGORIES = ("argosy",)
+
+# vLLM's OpenAI-compatible server image, pinned by tag (never `latest`).
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.28.0"
+
+MODEL_URI_SCHEMES = ("hf", "pvc", "s3")
+
+DType = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
+KvCacheDType = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]
+CheckpointDType = Literal["bfloat16", "float16", "float32"]
+# Quantization methods the planner can size (each is also a valid `vllm serve --quantization`).
+Quantization = Literal[
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "bitsandbytes",
+    "fp8",
+    "fbgemm_fp8",
+    "modelopt",
+    "modelopt_fp4",
+    "mxfp4",
+    "experts_int8",
+    "compressed-tensors",
+]
+
+
+def _auto_or_int_schema(what: str) -> dict[str, Any]:
+    return {
+        "x-kubernetes-int-or-string": True,
+        "description": f"{what} Either the string `auto` (the planner decides) or a positive integer.",
+        "default": "auto",
+        "x-kubernetes-validations": [
+            {
+                "rule": "type(self) == string ? self == 'auto' : self >= 1",
+                "message": "must be 'auto' or a positive integer",
+            }
+        ],
+    }
+
+
+AutoOrPositiveInt = Literal["auto"] | Annotated[int, Field(ge=1)]
+
+
+class ApiModel(BaseModel):
+    """Common configuration: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the Kubernetes API spells it (camelCase, no unset optional fields)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelFacts(ApiModel):
+    """The numbers from a model's config.json that decide how much GPU memory it needs."""
+
+    architecture: str | None = Field(
+        default=None, max_length=128, description="Model class from config.json `architectures[0]`."
+    )
+    parameters: int | None = Field(
+        default=None,
+        ge=1,
+        description="Total parameter count. Computed from the other fields when omitted.",
+    )
+    hidden_size: int = Field(ge=1, le=1_048_576, description="config.json `hidden_size`.")
+    num_hidden_layers: int = Field(ge=1, le=4096, description="config.json `num_hidden_layers`.")
+    num_attention_heads: int = Field(ge=1, le=4096, description="config.json `num_attention_heads`.")
+    num_key_value_heads: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="config.json `num_key_value_heads` (grouped-query attention). Defaults to the attention heads.",
+    )
+    head_dim: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="config.json `head_dim`. Defaults to hiddenSize / numAttentionHeads.",
+    )
+    intermediate_size: int = Field(ge=1, le=4_194_304, description="config.json `intermediate_size` (dense MLP width).")
+    vocab_size: int = Field(ge=1, le=16_777_216, description="config.json `vocab_size`.")
+    max_position_embeddings: int = Field(
+        ge=1,
+        le=268_435_456,
+        description="config.json `max_position_embeddings`: vLLM's default maxModelLen.",
+    )
+    tie_word_embeddings: bool = Field(
+        default=False, description="config.json `tie_word_embeddings`: the output head shares the embedding."
+    )
+    torch_dtype: CheckpointDType = Field(
+        default="bfloat16", description="config.json `torch_dtype`: the checkpoint's weight type."
+    )
+    num_experts: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Routed experts per mixture-of-experts layer (`num_local_experts`, `num_experts` or "
+        "`n_routed_experts`).",
+    )
+    num_experts_per_token: int | None = Field(
+        default=None, ge=1, le=65536, description="Experts each token is routed to (`num_experts_per_tok`)."
+    )
+    moe_intermediate_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4_194_304,
+        description="Width of one expert's MLP (`moe_intermediate_size`). Defaults to intermediateSize.",
+    )
+    num_shared_experts: int = Field(
+        default=0, ge=0, le=65536, description="Always-active shared experts per MoE layer (`n_shared_experts`)."
+    )
+    first_k_dense_layers: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Leading layers that use a dense MLP instead of experts (`first_k_dense_replace`).",
+    )
+    kv_lora_rank: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Multi-head latent attention (DeepSeek-V2/V3): compressed KV width (`kv_lora_rank`).",
+    )
+    q_lora_rank: int | None = Field(
+        default=None, ge=1, le=65536, description="Multi-head latent attention: compressed query width."
+    )
+    qk_rope_head_dim: int | None = Field(
+        default=None, ge=1, le=65536, description="Multi-head latent attention: rotary part of each head."
+    )
+    qk_nope_head_dim: int | None = Field(
+        default=None, ge=1, le=65536, description="Multi-head latent attention: non-rotary part of each head."
+    )
+    v_head_dim: int | None = Field(
+        default=None, ge=1, le=65536, description="Multi-head latent attention: value head width."
+    )
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Quantization the checkpoint ships with (config.json `quantization_config.quant_method`).",
+    )
+    weight_bits: Literal[4, 8, 16] | None = Field(
+        default=None,
+        description="Bits per quantized weight when the quantization method alone does not say "
+        "(compressed-tensors checkpoints).",
+    )
+    quantization_group_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Group size of a 4-bit checkpoint (`quantization_config.group_size`); tensor parallelism "
+        "must keep each shard a whole number of groups.",
+    )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def uses_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None and self.num_experts > 1
+
+
+class ModelSource(ApiModel):
+    """Which model to serve."""
+
+    uri: str = Field(
+        min_length=6,
+        max_length=1024,
+        description="Where the weights are: hf://<org>/<repo> (Hugging Face Hub), pvc://<claim>/<path> "
+        "(a PersistentVolumeClaim in this namespace) or s3://<bucket>/<path>.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.matches('^(hf|pvc|s3)://[^/\\\\s]+(/[^\\\\s]*)?$')",
+                    "message": "model.uri must start with hf://, pvc:// or s3:// followed by a path",
+                },
+                {
+                    "rule": "!self.startsWith('hf://') || self.matches('^hf://[^/\\\\s]+/[^/\\\\s]+$')",
+                    "message": "a Hugging Face model.uri is hf://<org>/<repo>",
+                },
+            ]
+        },
+    )
+    served_model_names: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Names clients use in the request's `model` field. Default: the LLMDeployment's name.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Hugging Face revision (branch, tag or commit) to load. Default: main.",
+    )
+    facts: ModelFacts | None = Field(
+        default=None,
+        description="config.json facts for sizing. Needed for models the operator does not know when the "
+        "Hugging Face Hub cannot be reached, and for pvc:// and s3:// models.",
+    )
+
+
+class GpuSpec(ApiModel):
+    """How many and which GPUs a replica gets."""
+
+    count: Annotated[
+        AutoOrPositiveInt,
+        WithJsonSchema(_auto_or_int_schema("GPUs per replica.")),
+    ] = Field(default="auto", description="GPUs per replica: `auto` or an integer.")
+    products: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Allowed GPU products (values of the node label nvidia.com/gpu.product). Empty: any.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+class ParallelismSpec(ApiModel):
+    """vLLM's tensor and pipeline parallelism; explicit integers override the planner."""
+
+    tensor: Annotated[
+        AutoOrPositiveInt,
+        WithJsonSchema(_auto_or_int_schema("Tensor-parallel size (GPUs that split each layer).")),
+    ] = Field(default="auto", description="Tensor-parallel size: `auto` or an integer.")
+    pipeline: Annotated[
+        AutoOrPositiveInt,
+        WithJsonSchema(_auto_or_int_schema("Pipeline-parallel size (stages of consecutive layers).")),
+    ] = Field(default="auto", description="Pipeline-parallel size: `auto` or an integer.")
+
+
+EnvVarSource = Annotated[
+    dict[str, Any],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": "A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...).",
+        }
+    ),
+]
+
+
+class EnvVar(ApiModel):
+    """An environment variable for the vLLM container (the Kubernetes EnvVar shape)."""
+
+    name: str = Field(min_length=1, max_length=256, description="Variable name.")
+    value: str | None = Field(default=None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = Field(default=None, description="Where to read the value from.")
+
+
+class EngineSpec(ApiModel):
+    """vLLM engine settings."""
+
+    image: str = Field(
+        default=DEFAULT_VLLM_IMAGE,
+        min_length=1,
+        max_length=512,
+        description="vLLM OpenAI-server container image, pinned by tag or digest.",
+    )
+    dtype: DType = Field(default="auto", description="Weight and activation type (`vllm serve --dtype`).")
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Quantization method (`vllm serve --quantization`). Default: what the checkpoint ships with.",
+    )
+    kv_cache_dtype: KvCacheDType = Field(
+        default="auto", description="KV-cache element type (`--kv-cache-dtype`); fp8 halves KV memory."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=268_435_456,
+        description="Longest sequence (prompt + output) in tokens (`--max-model-len`). Default: the model's "
+        "maximum context.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each GPU's memory vLLM may use (`--gpu-memory-utilization`).",
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=16_777_216,
+        description="Tokens per engine step (`--max-num-batched-tokens`). Default: vLLM's (8192 on H100-class "
+        "GPUs, 2048 elsewhere).",
+    )
+    enforce_eager: bool = Field(
+        default=False, description="Disable CUDA graphs (`--enforce-eager`): less memory, slower decoding."
+    )
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Extra arguments passed through to `vllm serve`.",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=128, description="Extra environment variables for the vLLM container."
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the LLMDeployment's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="token", min_length=1, max_length=253, description="Key within the Secret.")
+
+
+class Toleration(ApiModel):
+    """A Kubernetes pod toleration."""
+
+    key: str | None = Field(default=None, max_length=317, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class SchedulingSpec(ApiModel):
+    """Where serving pods may run, on top of the chosen GPU product."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra node labels the serving pods require.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra tolerations (the nvidia.com/gpu toleration is always added).",
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the serving pods."
+    )
+
+
+class PlanningSpec(ApiModel):
+    """Knobs of the GPU planner."""
+
+    target_sequences: int = Field(
+        default=4,
+        ge=1,
+        le=4096,
+        description="How many maxModelLen-token sequences a replica's KV cache should hold at once; the "
+        "planner adds GPUs (within a node) until it does.",
+    )
+
+
+_SPEC_RULES: list[JsonValue] = [
+    {
+        "rule": "!(has(self.gpu) && has(self.gpu.count) && type(self.gpu.count) == int"
+        " && has(self.parallelism) && has(self.parallelism.tensor) && type(self.parallelism.tensor) == int"
+        " && has(self.parallelism.pipeline) && type(self.parallelism.pipeline) == int)"
+        " || self.parallelism.tensor * self.parallelism.pipeline == self.gpu.count",
+        "message": "parallelism.tensor x parallelism.pipeline must equal gpu.count",
+    },
+    {
+        "rule": "!(has(self.gpu) && has(self.gpu.count) && type(self.gpu.count) == int"
+        " && has(self.parallelism) && has(self.parallelism.tensor) && type(self.parallelism.tensor) == int)"
+        " || self.gpu.count % self.parallelism.tensor == 0",
+        "message": "parallelism.tensor must divide gpu.count",
+    },
+    {
+        "rule": "!(has(self.gpu) && has(self.gpu.count) && type(self.gpu.count) == int"
+        " && has(self.parallelism) && has(self.parallelism.pipeline)"
+        " && type(self.parallelism.pipeline) == int)"
+        " || self.gpu.count % self.parallelism.pipeline == 0",
+        "message": "parallelism.pipeline must divide gpu.count",
+    },
+    {
+        "rule": "!(has(self.model.facts) && has(self.parallelism) && has(self.parallelism.tensor)"
+        " && type(self.parallelism.tensor) == int)"
+        " || self.model.facts.numAttentionHeads % self.parallelism.tensor == 0",
+        "message": "parallelism.tensor must divide model.facts.numAttentionHeads",
+    },
+    {
+        "rule": "!(has(self.model.facts) && has(self.parallelism) && has(self.parallelism.pipeline)"
+        " && type(self.parallelism.pipeline) == int)"
+        " || self.parallelism.pipeline <= self.model.facts.numHiddenLayers",
+        "message": "parallelism.pipeline cannot exceed model.facts.numHiddenLayers",
+    },
+]
+
+
+class LLMDeploymentSpec(ApiModel):
+    """The desired state of an LLMDeployment: one model served by vLLM on GPUs the operator sizes."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
+
+    model: ModelSource = Field(description="The model to serve.")
+    replicas: int = Field(default=1, ge=0, le=10000, description="Number of serving replicas.")
+    gpu: GpuSpec = Field(default_factory=GpuSpec, description="GPU count and product allow-list.")
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="Tensor and pipeline parallelism."
+    )
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding a Hugging Face token, exported to vLLM as HF_TOKEN."
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="Extra scheduling constraints for serving pods."
+    )
+    planning: PlanningSpec = Field(default_factory=PlanningSpec, description="Planner settings.")
+
+
+class Condition(ApiModel):
+    """A status condition in the Kubernetes API conventions' shape."""
+
+    type: str = Field(max_length=316, description="Ready, Progressing, Degraded or PlacementFound.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(default=None, description="When the status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation this condition was computed for."
+    )
+
+
+class PlacementStatus(ApiModel):
+    """The planner's decision (what `argosy-operator plan --output json` prints)."""
+
+    tensor_parallel_size: int = Field(ge=1, description="vLLM --tensor-parallel-size.")
+    pipeline_parallel_size: int = Field(ge=1, description="vLLM --pipeline-parallel-size.")
+    gpus_per_pod: int = Field(ge=1, description="nvidia.com/gpu requested by each serving pod.")
+    pods_per_replica: int = Field(ge=1, description="Pods (nodes) one replica spans.")
+    gpu_product: str | None = Field(default=None, description="GPU product the pods are placed on.")
+    weights_gib: float = Field(ge=0, alias="weightsGiB", description="Model weights in GiB for the whole replica.")
+    kv_cache_tokens: int = Field(ge=0, description="Estimated vLLM 'GPU KV cache size' of one replica, in tokens.")
+    max_concurrency: float = Field(ge=0, description="Estimated maxModelLen-token sequences one replica holds at once.")
+    reason: str = Field(default="", max_length=4096, description="Why the planner chose this placement.")
+
+
+class LLMDeploymentStatus(ApiModel):
+    """The observed state of an LLMDeployment."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the operator last acted on."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready, Progressing, Degraded and PlacementFound.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    replicas: int = Field(default=0, ge=0, description="Serving pods that exist (all replicas).")
+    ready_replicas: int = Field(default=0, ge=0, description="Serving pods that pass readiness.")
+    selector: str | None = Field(
+        default=None, max_length=4096, description="Label selector of the serving pods (for the scale subresource)."
+    )
+    placement: PlacementStatus | None = Field(default=None, description="The planner's decision.")
+    served_model_names: list[str] = Field(
+        default_factory=list, max_length=16, description="Names the gateway routes to this deployment."
+    )
+
+
+def served_names(spec: LLMDeploymentSpec, name: str) -> list[str]:
+    """The model names clients use: spec.model.servedModelNames, or the object's name."""
+    return list(spec.model.served_model_names) or [name]
