@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 VENV_INPUTS := images/constraints.txt operator/pyproject.toml gateway/pyproject.toml tests/testkit/pyproject.toml .ci/requirements-dev.in
 
-.PHONY: help venv sandbox-build sandbox-up sandbox-down sandbox-status manifests lint test test-unit test-e2e \
+.PHONY: help venv sandbox-build sandbox-up sandbox-down sandbox-status manifests manifests-check lint test test-unit test-e2e \
         bench-gateway bench-operator demo clean
 
 help: ## list the targets
@@ -31,8 +31,15 @@ sandbox-down: ## stop every sandbox process
 sandbox-status: venv ## show the sandbox's components and nodes
 	@$(PY) -m argosy_sandbox status
 
-manifests: venv ## regenerate the CRD, the chart's CRD template, the install manifest and the API reference
+manifests: sandbox-build ## regenerate the CRD, the chart's CRD template, the install manifest and the API reference
 	@$(PY) -m argosy_operator.crd
+	@$(PY) manifests/install/render.py
+	@$(PY) -m argosy_operator.docgen
+
+manifests-check: sandbox-build ## fail when a generated file is stale
+	@$(PY) -m argosy_operator.crd --check
+	@$(PY) manifests/install/render.py --check
+	@$(PY) -m argosy_operator.docgen --check
 
 lint: venv ## ruff
 	@$(PY) -m ruff check operator gateway tests

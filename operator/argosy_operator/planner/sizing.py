@@ -189,6 +189,14 @@ def _pick_growing(options: list[_Option], target: int) -> _Option | None:
 def _check_explicit(req: PlanRequest) -> None:
     """Problems with explicit values that no pool can fix."""
     layers = req.facts.num_hidden_layers
+    context = req.facts.max_position_embeddings
+    if req.settings.max_model_len and req.settings.max_model_len > context:
+        # vLLM refuses to start when max_model_len exceeds the length the model was trained for.
+        raise PlacementError(
+            "MaxModelLenTooLong",
+            f"maxModelLen {req.settings.max_model_len:,} exceeds the {context:,}-token context of {req.model} "
+            f"(max_position_embeddings); set engine.maxModelLen to {context:,} or less.",
+        )
     if req.tensor is not None:
         problem = tensor_problem(req.facts, req.settings, req.tensor)
         if problem:

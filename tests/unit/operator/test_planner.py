@@ -275,6 +275,15 @@ CASES = [
         message_has=("NVIDIA-B200", "NVIDIA-L4"),
     ),
     Case("no-gpu-nodes", "llama-3.1-8b", [], error="NoMatchingGpus"),
+    # Mistral 7B v0.3 was trained for 32k tokens; vLLM refuses a longer max_model_len.
+    Case(
+        "max-model-len-beyond-the-trained-context",
+        "mistral-7b",
+        [H100],
+        {"max_model_len": 65536},
+        error="MaxModelLenTooLong",
+        message_has=("32,768", "engine.maxModelLen"),
+    ),
 ]
 
 
