@@ -1,0 +1,169 @@
+"""The execute step: the only module that writes to the Kubernetes API.
+
+Children are written with server-side apply (field manager `argosy-operator`, force),
+so each pass states the whole desired object and the API server merges it; the status
+is one JSON merge patch per pass; Events are best effort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from argosy_operator.diffplan import ApplyReason, ApplyStep, ChildPlan, controller_uid
+from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
+from argosy_operator.metrics import OperatorMetrics
+from argosy_operator.settings import API_VERSION, FIELD_MANAGER, KIND
+from argosy_operator.status import EventSpec
+
+logger = logging.getLogger(__name__)
+
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is valid YAML
+MERGE_CONTENT_TYPE = "application/merge-patch+json"
+EVENT_MESSAGE_LIMIT = 1024
+
+
+@dataclasses.dataclass
+class ExecuteResult:
+    written: list[str] = dataclasses.field(default_factory=list)
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    retryable: bool = True
+
+
+async def _get(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    meta = body["metadata"]
+    try:
+        return await api.request("GET", resource_path(body["apiVersion"], body["kind"],
+                                                      meta["namespace"], meta["name"]))
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return await api.request(
+        "PATCH",
+        resource_path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]),
+        params={"fieldManager": FIELD_MANAGER, "force": "true"},
+        body=body,
+        content_type=APPLY_CONTENT_TYPE,
+    )
+
+
+async def _apply_step(api: KubeApi, owner_uid: str, step: ApplyStep) -> str | None:
+    """Apply one child; returns a conflict message instead when the name is taken."""
+    if step.reason is ApplyReason.MISSING:
+        # Not in our cache, so not labelled as ours: an object with this name that
+        # someone else created must not be taken over by a forced apply.
+        live = await _get(api, step.body)
+        if live is not None and controller_uid(live) != owner_uid:
+            return (f"{step.ref.kind} {step.ref.name} already exists and is not owned by this "
+                    "LLMDeployment; rename or delete it")
+    await server_side_apply(api, step.body)
+    return None
+
+
+async def execute_plan(
+    api: KubeApi, namespace: str, owner_uid: str, plan: ChildPlan, metrics: OperatorMetrics | None = None
+) -> ExecuteResult:
+    """Carry out the child plan; API failures are reported in the result, not raised.
+
+    The children are independent, so they are written concurrently: one pass costs one
+    round trip (two for a child missing from the cache), not one per child.
+    """
+    result = ExecuteResult(conflicts=[c.message for c in plan.conflicts])
+    outcomes = await asyncio.gather(*(_apply_step(api, owner_uid, s) for s in plan.apply),
+                                    return_exceptions=True)
+    failures: list[ApiError] = []
+    for step, outcome in zip(plan.apply, outcomes, strict=True):
+        if isinstance(outcome, ApiError):
+            failures.append(outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        elif outcome is not None:
+            result.conflicts.append(outcome)
+        else:
+            result.written.append(f"{step.reason.value} {step.ref.kind}/{step.ref.name}")
+            if metrics is not None:
+                metrics.child_writes.labels(step.ref.kind, step.reason.value).inc()
+    try:
+        for delete in plan.delete:
+            try:
+                await api.request(
+                    "DELETE",
+                    resource_path(delete.api_version, delete.ref.kind, namespace, delete.ref.name),
+                    body={"preconditions": {"uid": delete.uid}, "propagationPolicy": "Background"},
+                )
+            except ApiError as e:
+                if e.status not in (404, 409):
+                    raise
+            result.written.append(f"deleted {delete.ref.kind}/{delete.ref.name}")
+            if metrics is not None:
+                metrics.child_writes.labels(delete.ref.kind, "deleted").inc()
+    except ApiError as e:
+        failures.append(e)
+    if failures:
+        result.error = "writing children failed: " + "; ".join(str(e) for e in failures)
+        # 422/400: the object itself is invalid; retrying the same body will not help.
+        result.retryable = any(e.status not in (400, 422) for e in failures)
+    return result
+
+
+async def write_status(api: KubeApi, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
+    """Merge-patch the status subresource; False when the LLMDeployment is gone."""
+    try:
+        await api.request(
+            "PATCH",
+            resource_path(API_VERSION, KIND, namespace, name, subresource="status"),
+            body=patch,
+            content_type=MERGE_CONTENT_TYPE,
+        )
+    except ApiError as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+async def post_events(
+    api: KubeApi, owner: Mapping[str, Any], events: Iterable[EventSpec], now: str
+) -> None:
+    """Record condition transitions as core/v1 Events on the LLMDeployment (best effort)."""
+    await asyncio.gather(*(_post_event(api, owner, event, now) for event in events))
+
+
+async def _post_event(api: KubeApi, owner: Mapping[str, Any], event: EventSpec, now: str) -> None:
+    meta = owner["metadata"]
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:EVENT_MESSAGE_LIMIT],
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": FIELD_MANAGER,
+        "reportingInstance": socket.gethostname()[:128],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    try:
+        await api.request("POST", resource_path("v1", "Event", meta["namespace"]), body=body)
+    except (ApiError, OSError) as e:
+        logger.warning("could not record event %s on %s/%s: %s", event.reason,
+                       meta["namespace"], meta["name"], e)

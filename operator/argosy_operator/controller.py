@@ -1,0 +1,174 @@
+"""The controller: the work queue, the periodic resync and the reconcile of one key.
+
+kopf feeds it (handlers.py); it owns the per-process state: the API client shared
+with kopf's login, the metrics, and references to kopf's indexes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from argosy_operator import observe
+from argosy_operator.hubfacts import HubFacts
+from argosy_operator.kubeapi import Credentials, KubeApi
+from argosy_operator.metrics import OperatorMetrics
+from argosy_operator.reconcile import ReconcileContext, reconcile
+from argosy_operator.settings import OperatorSettings
+from argosy_operator.workqueue import Requeue, WorkQueue
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAMES = ("argosy_llmdeployments", "argosy_gpu_nodes", "argosy_deployments", "argosy_services",
+               "argosy_pods")
+
+
+class _Children(Mapping[Any, tuple[Any, ...]]):
+    """Deployments and Services of one owner, read through both indexes."""
+
+    def __init__(self, *indexes: Mapping[Any, Any]) -> None:
+        self._indexes = indexes
+
+    def __getitem__(self, key: Any) -> tuple[Any, ...]:
+        found: list[Any] = []
+        for index in self._indexes:
+            store = index.get(key)
+            if store is not None:
+                found.extend(store)
+        if not found:
+            raise KeyError(key)
+        return tuple(found)
+
+    def __iter__(self) -> Any:
+        seen: set[Any] = set()
+        for index in self._indexes:
+            for key in index:
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Runtime:
+    def __init__(
+        self, settings: OperatorSettings, credentials: Credentials, metrics: OperatorMetrics
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.metrics = metrics
+        self.api = KubeApi(
+            credentials, observe=lambda method, seconds: metrics.api_latency.labels(method).observe(seconds))
+        self.queue: WorkQueue[observe.ObjectKey] = WorkQueue(
+            self._process, workers=settings.workers, on_depth=metrics.queue_depth.set)
+        self._indexes: dict[str, Mapping[Any, Any]] = {}
+        self._node_views: dict[str, tuple[Any, ...]] = {}
+        self._resync_handle: asyncio.TimerHandle | None = None
+        self._started = False
+        self.ctx = ReconcileContext(api=self.api, metrics=metrics,
+                                    hub=HubFacts(self.api, enabled=settings.hub_lookup))
+
+    # -- kopf side ---------------------------------------------------------------
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        creds = self.credentials
+        token = creds.token()
+        return kopf.ConnectionInfo(
+            server=creds.server,
+            ca_path=creds.ca_path,
+            insecure=creds.insecure,
+            certificate_path=creds.certificate_path,
+            private_key_path=creds.private_key_path,
+            scheme="Bearer" if token else None,
+            token=token,
+        )
+
+    def attach_indexes(self, kwargs: Mapping[str, Any]) -> None:
+        """Keep references to kopf's indexes (live mappings) and start working.
+
+        kopf calls resource handlers only after every index finished its initial
+        listing, so the first call is the moment the caches are complete.
+        """
+        if self._started:
+            return
+        missing = [n for n in INDEX_NAMES if n not in kwargs]
+        if missing:
+            raise RuntimeError(f"kopf did not pass the indexes {missing}")
+        self._indexes = {n: kwargs[n] for n in INDEX_NAMES}
+        self._started = True
+        self.queue.start()
+        self._schedule_resync(first=True)
+        logger.info("caches synced: %d LLMDeployments, %d GPU nodes; reconciling",
+                    len(self._indexes["argosy_llmdeployments"]),
+                    len(tuple(self._indexes["argosy_gpu_nodes"].get(None, ()))))
+
+    def enqueue(self, key: observe.ObjectKey) -> None:
+        self.queue.add(key)
+
+    def node_changed(self, node: Mapping[str, Any], *, deleted: bool) -> None:
+        """GPU inventory changed (not just a heartbeat): every placement may change."""
+        name = str(node["metadata"]["name"])
+        view = None if deleted else observe.gpu_view(node)
+        before = self._node_views.pop(name, None) if deleted else self._node_views.get(name)
+        if view is not None:
+            self._node_views[name] = view
+        if before != view and self._started:
+            self._enqueue_all()  # the queue de-duplicates, so a burst of node events is cheap
+
+    def _enqueue_all(self) -> None:
+        index = self._indexes.get("argosy_llmdeployments")
+        if index is None:
+            return
+        keys = list(index)
+        self.metrics.managed.set(len(keys))
+        for key in keys:
+            self.queue.add(key)
+
+    def _schedule_resync(self, first: bool = False) -> None:
+        if not first:
+            self._enqueue_all()
+        loop = asyncio.get_running_loop()
+        self._resync_handle = loop.call_later(self.settings.resync_seconds, self._schedule_resync)
+
+    async def stop(self) -> None:
+        if self._resync_handle is not None:
+            self._resync_handle.cancel()
+        await self.queue.stop()
+        await self.api.close()
+
+    # -- the work ----------------------------------------------------------------
+
+    def observation(self, key: observe.ObjectKey) -> observe.Observation:
+        idx = self._indexes
+        return observe.observe(
+            key,
+            idx.get("argosy_llmdeployments"),
+            idx.get("argosy_gpu_nodes"),
+            _Children(idx["argosy_deployments"], idx["argosy_services"]),
+            idx.get("argosy_pods"),
+        )
+
+    async def _process(self, key: observe.ObjectKey) -> None:
+        started = time.perf_counter()
+        result = "error"
+        try:
+            result = await reconcile(self.ctx, self.observation(key))
+        except kopf.TemporaryError as e:
+            result = "requeue"
+            logger.info("%s/%s: %s; retrying in %ss", *key, e, e.delay)
+            raise Requeue(float(e.delay or 10.0)) from e
+        except kopf.PermanentError as e:
+            result = "permanent"
+            logger.warning("%s/%s: %s; waiting for a spec change", *key, e)
+        except Exception as e:
+            self.metrics.errors.labels(type(e).__name__).inc()
+            raise
+        finally:
+            self.metrics.reconciles.labels(result).inc()
+            self.metrics.duration.observe(time.perf_counter() - started)

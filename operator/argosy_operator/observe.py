@@ -1,0 +1,139 @@
+"""What a reconcile pass reads: trimmed copies of watched objects, grouped per LLMDeployment.
+
+kopf's indexes keep these copies up to date from watch streams, so a pass reads
+memory, not the API server. The functions here only shape the copies (pure).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from argosy_operator.builders import LABEL_DEPLOYMENT
+
+ObjectKey = tuple[str, str]
+"""(namespace, LLMDeployment name)."""
+
+
+def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
+    # kopf hands out read-only views over its own dicts; keep an independent copy.
+    return copy.deepcopy({k: obj[k] for k in obj})
+
+
+def trim_llmdeployment(body: Mapping[str, Any]) -> dict[str, Any]:
+    obj = _plain(body)
+    obj.get("metadata", {}).pop("managedFields", None)
+    return obj
+
+
+def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Node that describe its GPUs and whether pods may land on it."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return copy.deepcopy({
+        "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
+        "spec": {"unschedulable": bool(spec.get("unschedulable")), "taints": list(spec.get("taints") or [])},
+        "status": {
+            "capacity": dict(status.get("capacity") or {}),
+            "allocatable": dict(status.get("allocatable") or {}),
+            # Only type and status: heartbeat timestamps would make every copy differ.
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or () if c.get("type") == "Ready"
+            ],
+        },
+    })
+
+
+def gpu_view(node: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a trimmed node matters to placement (heartbeats change nothing here)."""
+    labels = node["metadata"]["labels"]
+    return (
+        node["metadata"]["name"],
+        tuple(sorted((k, v) for k, v in labels.items() if k.startswith("nvidia.com/"))),
+        node["spec"]["unschedulable"],
+        node["status"]["allocatable"].get("nvidia.com/gpu"),
+        tuple(c.get("status") for c in node["status"].get("conditions") or ()),
+    )
+
+
+def trim_child(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Deployment or Service as we compare it with the desired one (minus bookkeeping)."""
+    obj = _plain(body)
+    obj.get("metadata", {}).pop("managedFields", None)
+    return obj
+
+
+def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return copy.deepcopy({
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
+        "status": {
+            "phase": status.get("phase"),
+            "podIP": status.get("podIP"),
+            "conditions": [
+                {k: c.get(k) for k in ("type", "status", "reason", "message")}
+                for c in status.get("conditions") or ()
+            ],
+            "containerStatuses": [
+                {"name": cs.get("name"), "ready": cs.get("ready"),
+                 "restartCount": cs.get("restartCount"), "state": cs.get("state")}
+                for cs in status.get("containerStatuses") or ()
+            ],
+        },
+    })
+
+
+def owner_key(body: Mapping[str, Any]) -> ObjectKey | None:
+    """The LLMDeployment a labelled child belongs to, from its argosy.dev/deployment label."""
+    meta = body.get("metadata") or {}
+    owner = (meta.get("labels") or {}).get(LABEL_DEPLOYMENT)
+    namespace = meta.get("namespace")
+    if not owner or not namespace:
+        return None
+    return (str(namespace), str(owner))
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile pass of one LLMDeployment looks at."""
+
+    key: ObjectKey
+    llmdeployment: Mapping[str, Any] | None
+    nodes: tuple[Mapping[str, Any], ...] = ()
+    children: tuple[Mapping[str, Any], ...] = ()
+    pods: tuple[Mapping[str, Any], ...] = ()
+
+
+def _values(index: Mapping[Any, Iterable[Any]] | None, key: Any) -> tuple[Any, ...]:
+    if index is None:
+        return ()
+    store = index.get(key)
+    return tuple(store) if store is not None else ()
+
+
+def observe(
+    key: ObjectKey,
+    llmdeployments: Mapping[Any, Iterable[Any]] | None,
+    nodes: Mapping[Any, Iterable[Any]] | None,
+    children: Mapping[Any, Iterable[Any]] | None,
+    pods: Mapping[Any, Iterable[Any]] | None,
+) -> Observation:
+    """Assemble an Observation from kopf's indexes (or any mapping of key -> values)."""
+    found = _values(llmdeployments, key)
+    return Observation(
+        key=key,
+        llmdeployment=found[0] if found else None,
+        nodes=_values(nodes, None),
+        children=_values(children, key),
+        pods=_values(pods, key),
+    )

@@ -1,0 +1,366 @@
+"""The operator against the sandbox: what a model owner sees after `kubectl apply`.
+
+Each test gets its own namespace and its own operator process watching only that
+namespace (`argosy-operator run --namespace <ns>`), so tests never see each other's
+objects. Everything waits by polling the API with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from argosy_sandbox.cluster import Sandbox
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "manifests" / "crds" / "argosy.dev_llmdeployments.yaml"
+OPERATOR = Path(sys.executable).with_name("argosy-operator")
+DEADLINE = 60.0
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+A100 = "NVIDIA-A100-SXM4-40GB"
+L4 = "NVIDIA-L4"
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def crd(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Rendered from the models under test, which is what manifests/crds/ holds when it is
+    # current (a unit test fails when the committed copy is stale).
+    from argosy_operator import crd as crdgen
+
+    path = tmp_path_factory.mktemp("crd") / CRD_FILE.name
+    path.write_text(crdgen.render_manifest())
+    sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
+
+
+class Operator:
+    """One `argosy-operator run` subprocess watching one namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log = log
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            # Tests never leave 127.0.0.0/8: no Hugging Face Hub lookups.
+            "ARGOSY_OPERATOR_HUB_LOOKUP": "false",
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "ARGOSY_OPERATOR_METRICS_HOST": "127.0.0.1",
+        }
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [str(OPERATOR), "run", "--kubeconfig", str(self.kubeconfig), "--namespace", self.namespace,
+                 "--metrics-port", str(self.port), "--log-level", "INFO"],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        wait_for("the operator to be ready", self._ready, timeout=30)
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def operator(crd: None, kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(kubeconfig, namespace, tmp_path / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+class Cluster:
+    def __init__(self, sandbox: Sandbox, namespace: str) -> None:
+        self.sandbox = sandbox
+        self.ns = namespace
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.sandbox.kubectl(*args, "-n", self.ns, input=input, check=check)
+
+    def apply(self, name: str, spec: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        doc = {"apiVersion": "argosy.dev/v1alpha1", "kind": "LLMDeployment",
+               "metadata": {"name": name, "namespace": self.ns}, "spec": spec}
+        return self.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc), check=check)
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        result = self.kubectl("get", kind, name, "-o", "json", check=False)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        out = self.kubectl("get", "pods", "-l", f"argosy.dev/deployment={name}", "-o", "json").stdout
+        return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    def node_product(self, node: str) -> str:
+        out = self.sandbox.kubectl("get", "node", node, "-o", "json").stdout
+        return str(json.loads(out)["metadata"]["labels"].get("nvidia.com/gpu.product", ""))
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any] | None:
+        obj = self.get("llmdeployment", name) or {}
+        status = obj.get("status") or {}
+        if status.get("observedGeneration") != obj.get("metadata", {}).get("generation"):
+            return None  # not yet looked at the current spec
+        return next((c for c in status.get("conditions") or () if c["type"] == ctype), None)
+
+    def wait_condition(self, name: str, ctype: str, status: str, timeout: float = DEADLINE) -> dict[str, Any]:
+        return wait_for(f"{ctype}={status} on {name}", lambda: (
+            c if (c := self.condition(name, ctype)) and c["status"] == status else None), timeout)
+
+    def wait_ready(self, name: str, replicas: int) -> dict[str, Any]:
+        self.wait_condition(name, "Ready", "True")
+        return wait_for(f"{replicas} ready pods of {name}", lambda: (
+            obj if (obj := self.get("llmdeployment", name))
+            and obj["status"].get("readyReplicas") == replicas and len(self.pods(name)) == replicas
+            else None))
+
+
+@pytest.fixture
+def cluster(sandbox: Sandbox, namespace: str) -> Cluster:
+    return Cluster(sandbox, namespace)
+
+
+def container_of(pod_or_deploy: dict[str, Any]) -> dict[str, Any]:
+    spec = pod_or_deploy["spec"]
+    spec = spec["template"]["spec"] if "template" in spec else spec
+    return dict(spec["containers"][0])
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+SMALL = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "gpu": {"products": [L4]}}
+
+
+def test_small_model_on_l4_runs_one_ready_pod(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("small", SMALL)
+    lld = cluster.wait_ready("small", 1)
+
+    (pod,) = cluster.pods("small")
+    assert cluster.node_product(pod["spec"]["nodeName"]) == L4
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
+    # The contract the gateway reads.
+    labels = pod["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "argosy-operator"
+    assert labels["argosy.dev/deployment"] == "small" and labels["argosy.dev/role"] == "server"
+    assert json.loads(pod["metadata"]["annotations"]["argosy.dev/served-model-names"]) == ["small"]
+    assert container_of(pod)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    status = lld["status"]
+    assert status["placement"]["gpuProduct"] == L4
+    assert status["servedModelNames"] == ["small"]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False", "PlacementFound": "True"}
+    svc = cluster.get("service", "small")
+    assert svc is not None and svc["spec"]["ports"][0]["port"] == 8000
+    assert 'argosy_operator_reconciles_total{result="success"}' in operator.metrics()
+
+
+def test_70b_model_gets_a_tensor_parallel_pod_matching_its_placement(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("llama-70b", {"model": {"uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
+                                "engine": {"maxModelLen": 8192}})
+    lld = cluster.wait_ready("llama-70b", 1)
+    placement = lld["status"]["placement"]
+    assert placement["tensorParallelSize"] >= 2 and placement["podsPerReplica"] == 1
+
+    (pod,) = cluster.pods("llama-70b")
+    assert placement["gpuProduct"] in (H100, A100)
+    assert cluster.node_product(pod["spec"]["nodeName"]) == placement["gpuProduct"]
+    container = container_of(pod)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(placement["gpusPerPod"])
+    assert placement["gpusPerPod"] == placement["tensorParallelSize"] * placement["pipelineParallelSize"]
+    args = container["args"]
+    assert flag(args, "--tensor-parallel-size") == str(placement["tensorParallelSize"])
+    assert flag(args, "--pipeline-parallel-size") == str(placement["pipelineParallelSize"])
+    assert flag(args, "--max-model-len") == "8192"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+def test_explicit_parallelism_is_honoured(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("tp2", {"model": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct"},
+                          "gpu": {"products": [A100]}, "parallelism": {"tensor": 2, "pipeline": 1},
+                          "engine": {"maxModelLen": 16384}})
+    lld = cluster.wait_ready("tp2", 1)
+    placement = lld["status"]["placement"]
+    assert (placement["tensorParallelSize"], placement["pipelineParallelSize"], placement["gpuProduct"]) == (
+        2, 1, A100)
+    (pod,) = cluster.pods("tp2")
+    container = container_of(pod)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert flag(container["args"], "--tensor-parallel-size") == "2"
+    assert cluster.node_product(pod["spec"]["nodeName"]) == A100
+
+
+def test_impossible_spec_reports_why_and_runs_no_pods(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("huge", {"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"},
+                           "gpu": {"products": [L4]}})
+    placement = cluster.wait_condition("huge", "PlacementFound", "False")
+    assert placement["reason"] == "InsufficientGpuMemory"
+    assert "GiB" in placement["message"] and "it would fit" in placement["message"]
+    assert cluster.condition("huge", "Ready")["status"] == "False"  # type: ignore[index]
+    assert cluster.get("deployment", "huge") is None
+    assert cluster.pods("huge") == []
+    events = json.loads(cluster.kubectl("get", "events", "--field-selector",
+                                        "involvedObject.name=huge", "-o", "json").stdout)["items"]
+    assert any(e["type"] == "Warning" and e["reason"] == "InsufficientGpuMemory" for e in events)
+
+
+FACTS_32_HEADS = {"hiddenSize": 4096, "numHiddenLayers": 32, "numAttentionHeads": 32, "numKeyValueHeads": 8,
+                  "intermediateSize": 14336, "vocabSize": 128256, "maxPositionEmbeddings": 131072}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    pytest.param({**SMALL, "replicas": -1}, "should be greater than or equal to 0", id="negative replicas"),
+    pytest.param({"model": {"uri": "pvc://weights/m", "facts": FACTS_32_HEADS}, "parallelism": {"tensor": 3}},
+                 "parallelism.tensor must divide model.facts.numAttentionHeads", id="tensor 3 for 32 heads"),
+    pytest.param({**SMALL, "gpus": 2}, 'unknown field "spec.gpus"', id="unknown field"),
+    pytest.param({"model": {"uri": "gs://bucket/model"}}, "model.uri must start with hf://, pvc:// or s3://",
+                 id="bad URI scheme"),
+])
+def test_invalid_specs_are_refused_by_kubectl_apply(crd: None, cluster: Cluster, spec: dict[str, Any],
+                                                    message: str) -> None:
+    result = cluster.apply("bad", spec, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert cluster.get("llmdeployment", "bad") is None
+
+
+def test_drift_is_repaired(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("drift", SMALL)
+    cluster.wait_ready("drift", 1)
+    original = cluster.get("deployment", "drift")
+    assert original is not None
+
+    cluster.kubectl("delete", "deployment", "drift", "--wait=false")
+    wait_for("the deleted Deployment to come back", lambda: (
+        d if (d := cluster.get("deployment", "drift")) and d["metadata"]["uid"] != original["metadata"]["uid"]
+        else None), timeout=15)
+
+    cluster.kubectl("set", "image", "deployment/drift", "vllm=example.invalid/vllm:hacked")
+    cluster.kubectl("patch", "deployment", "drift", "--type=merge", "-p", '{"spec":{"replicas":4}}')
+    wait_for("the hand edits to be reverted", lambda: (
+        (d := cluster.get("deployment", "drift")) and container_of(d)["image"] == container_of(original)["image"]
+        and d["spec"]["replicas"] == 1), timeout=15)
+
+    cluster.kubectl("delete", "service", "drift", "--wait=false")
+    wait_for("the deleted Service to come back", lambda: cluster.get("service", "drift"), timeout=15)
+    cluster.wait_ready("drift", 1)
+
+
+def test_scale_up_and_down_through_the_scale_subresource(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("scaled", SMALL)
+    cluster.wait_ready("scaled", 1)
+
+    cluster.kubectl("scale", "lld/scaled", "--replicas=3")
+    lld = cluster.wait_ready("scaled", 3)
+    assert lld["status"]["replicas"] == 3
+    assert {cluster.node_product(p["spec"]["nodeName"]) for p in cluster.pods("scaled")} == {L4}
+
+    cluster.kubectl("scale", "lld/scaled", "--replicas=1")
+    cluster.wait_ready("scaled", 1)
+    wait_for("status.replicas to drop to 1", lambda: (
+        (lld := cluster.get("llmdeployment", "scaled")) and lld["status"]["replicas"] == 1))
+    deploy = cluster.get("deployment", "scaled")
+    assert deploy is not None and deploy["spec"]["replicas"] == 1
+    scale_path = f"/apis/argosy.dev/v1alpha1/namespaces/{cluster.ns}/llmdeployments/scaled/scale"
+    scale = json.loads(cluster.sandbox.kubectl("get", "--raw", scale_path).stdout)
+    assert scale["spec"]["replicas"] == 1
+    assert scale["status"]["selector"] == "argosy.dev/deployment=scaled,argosy.dev/role=server"
+
+
+def test_deleting_the_llmdeployment_removes_its_children(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("doomed", SMALL)
+    cluster.wait_ready("doomed", 1)
+    cluster.kubectl("delete", "lld", "doomed", "--wait=true", "--timeout=30s")
+    wait_for("the Deployment, Service and pods to be garbage-collected", lambda: (
+        cluster.get("deployment", "doomed") is None and cluster.get("service", "doomed") is None
+        and cluster.pods("doomed") == []))
+
+    # No finalizer: deleting works while the operator is down (uninstall, upgrade, crash).
+    cluster.apply("orphan", SMALL)
+    cluster.wait_ready("orphan", 1)
+    operator.stop()
+    cluster.kubectl("delete", "lld", "orphan", "--wait=true", "--timeout=30s")
+    wait_for("children of an LLMDeployment deleted while the operator is down to go", lambda: (
+        cluster.get("deployment", "orphan") is None and cluster.pods("orphan") == []))
+
+
+def test_operator_restart_mid_rollout_converges(operator: Operator, cluster: Cluster) -> None:
+    cluster.apply("rolling", {**SMALL, "replicas": 2})
+    cluster.wait_ready("rolling", 2)
+
+    cluster.apply("rolling", {**SMALL, "replicas": 2, "engine": {"args": ["--enable-prefix-caching"]}})
+    wait_for("the rollout to start", lambda: (
+        (d := cluster.get("deployment", "rolling")) and "--enable-prefix-caching" in container_of(d)["args"]))
+    operator.stop(signal.SIGKILL)  # no graceful shutdown: the worst case
+
+    # Changed again while nobody watches.
+    cluster.apply("rolling", {**SMALL, "replicas": 2, "engine": {"args": ["--enable-chunked-prefill"]}})
+    operator.start()
+
+    wait_for("the Deployment to carry the latest spec", lambda: (
+        (d := cluster.get("deployment", "rolling")) and container_of(d)["args"][-1] == "--enable-chunked-prefill"
+        and "--enable-prefix-caching" not in container_of(d)["args"]))
+    lld = cluster.wait_ready("rolling", 2)
+    assert lld["status"]["observedGeneration"] == lld["metadata"]["generation"]
+    wait_for("every pod to run the latest template", lambda: all(
+        container_of(p)["args"][-1] == "--enable-chunked-prefill" for p in cluster.pods("rolling")))
+    cluster.wait_condition("rolling", "Progressing", "False")

@@ -1,0 +1,121 @@
+"""A whole reconcile pass against a recording fake of the API: plan, execute, status, events."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import kopf
+import pytest
+from argosy_operator.kubeapi import ApiError
+from argosy_operator.observe import Observation
+from argosy_operator.reconcile import ChildWriteError, ReconcileContext, reconcile
+
+
+def _node(name: str, product: str, memory_mib: int, gpus: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"nvidia.com/gpu.product": product,
+                                              "nvidia.com/gpu.memory": str(memory_mib)}},
+        "spec": {"unschedulable": False},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+NODES = (_node("h100-0", "NVIDIA-H100-80GB-HBM3", 81559, 8), _node("l4-0", "NVIDIA-L4", 23034, 1))
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+class FakeApi:
+    """Records every call; objects do not exist until applied; writes can be made to fail."""
+
+    def __init__(self, fail_apply: ApiError | None = None) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any] | None, Any]] = []
+        self.fail_apply = fail_apply
+
+    async def request(self, method: str, path: str, *, params: Any = None, body: Any = None,
+                      content_type: str = "application/json") -> dict[str, Any]:
+        self.calls.append((method, path, dict(params) if params else None, body))
+        if method == "GET":
+            raise ApiError(404, "NotFound", "not found")
+        if method == "PATCH" and content_type == "application/apply-patch+yaml" and self.fail_apply:
+            raise self.fail_apply
+        return dict(body or {})
+
+    def of(self, method: str, suffix: str = "") -> list[tuple[str, str, dict[str, Any] | None, Any]]:
+        return [c for c in self.calls if c[0] == method and c[1].endswith(suffix)]
+
+
+def lld(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj = {"apiVersion": "argosy.dev/v1alpha1", "kind": "LLMDeployment",
+           "metadata": {"name": "m", "namespace": "ns", "uid": "u-1", "generation": 1, "resourceVersion": "10"},
+           "spec": spec}
+    if status:
+        obj["status"] = status
+    return obj
+
+
+SMALL = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "gpu": {"products": ["NVIDIA-L4"]}}
+
+
+def ctx(api: FakeApi) -> ReconcileContext:
+    return ReconcileContext(api=api, clock=lambda: NOW)  # type: ignore[arg-type]
+
+
+async def test_new_object_gets_its_children_applied_and_a_status() -> None:
+    api = FakeApi()
+    result = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert result == "success"
+    applies = [c for c in api.of("PATCH") if not c[1].endswith("/status")]
+    assert sorted(c[1] for c in applies) == ["/api/v1/namespaces/ns/services/m",
+                                             "/apis/apps/v1/namespaces/ns/deployments/m"]
+    assert all(c[2] == {"fieldManager": "argosy-operator", "force": "true"} for c in applies)
+    # Missing from the cache: ownership is checked before a forced apply.
+    assert len(api.of("GET")) == 2
+    ((_, _, _, patch),) = api.of("PATCH", "/llmdeployments/m/status")
+    status = patch["status"]
+    assert status["observedGeneration"] == 1
+    assert status["placement"]["gpuProduct"] == "NVIDIA-L4"
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Progressing"] == ("True", "Creating")
+    assert conditions["PlacementFound"] == ("True", "Placed")
+
+
+async def test_a_pass_before_the_cache_catches_up_does_not_repeat_status_or_events() -> None:
+    api = FakeApi()
+    context = ctx(api)
+    impossible = {"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"}, "gpu": {"products": ["NVIDIA-L4"]}}
+    assert await reconcile(context, Observation(("ns", "m"), lld(impossible), NODES)) == "success"
+    assert len(api.of("PATCH", "/status")) == 1
+    warnings = [c[3] for c in api.of("POST", "/events")]
+    assert {(e["type"], e["reason"]) for e in warnings} == {
+        ("Warning", "InsufficientGpuMemory"), ("Warning", "PlacementFailed")}
+    assert not api.of("PATCH", "/deployments/m")
+
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), lld(impossible), NODES))  # same stale body
+    assert not api.of("PATCH", "/status") and not api.of("POST", "/events")
+
+
+async def test_failed_write_is_retried_and_reported_as_degraded() -> None:
+    api = FakeApi(fail_apply=ApiError(403, "Forbidden", "deployments.apps is forbidden"))
+    with pytest.raises(ChildWriteError, match="forbidden"):
+        await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    ((_, _, _, patch),) = api.of("PATCH", "/status")
+    degraded = next(c for c in patch["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
+    assert "forbidden" in degraded["message"]
+
+
+async def test_invalid_object_is_permanent_and_writes_no_children() -> None:
+    api = FakeApi()
+    with pytest.raises(kopf.PermanentError, match="replicas"):
+        await reconcile(ctx(api), Observation(("ns", "m"), lld({**SMALL, "replicas": -3}), NODES))
+    assert [c[1] for c in api.calls if c[0] == "PATCH"] == [
+        "/apis/argosy.dev/v1alpha1/namespaces/ns/llmdeployments/m/status"]
+
+
+async def test_deleted_object_is_left_to_the_garbage_collector() -> None:
+    api = FakeApi()
+    assert await reconcile(ctx(api), Observation(("ns", "m"), None, NODES)) == "gone"
+    assert api.calls == []
