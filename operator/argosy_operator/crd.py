@@ -130,6 +130,13 @@ def crd() -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
+        # The name becomes the argosy.dev/deployment label value of every child, and labels stop at 63.
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.metadata.name.size() <= 63",
+                "message": "metadata.name must be at most 63 characters: it labels every object Argosy creates",
+            }
+        ],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

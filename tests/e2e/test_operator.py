@@ -283,6 +283,14 @@ def test_invalid_specs_are_refused_by_kubectl_apply(crd: None, cluster: Cluster,
     assert cluster.get("llmdeployment", "bad") is None
 
 
+def test_a_name_too_long_to_label_children_is_refused(crd: None, cluster: Cluster) -> None:
+    name = "a" * 64
+    result = cluster.apply(name, SMALL, check=False)
+    assert result.returncode != 0
+    assert "metadata.name must be at most 63 characters" in result.stderr
+    assert cluster.get("llmdeployment", name) is None
+
+
 def test_drift_is_repaired(operator: Operator, cluster: Cluster) -> None:
     cluster.apply("drift", SMALL)
     cluster.wait_ready("drift", 1)
