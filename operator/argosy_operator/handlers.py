@@ -34,6 +34,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{KOPF_ANNOTATION_PREFIX}/finalizer"
     # We record our own Events for condition transitions; kopf's per-handler ones are noise.
     settings.posting.enabled = False
+    # No dynamic discovery of namespaces and CRDs: the watched namespaces are given, the CRD is
+    # known, and least-privilege RBAC (the chart) grants neither listing, which kopf would retry.
+    settings.scanning.disabled = True
     # Watch only what we own (and only GPU nodes): server-side filtering keeps the
     # operator's memory proportional to its own objects, not to the cluster.
     for resource in (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "pods")):

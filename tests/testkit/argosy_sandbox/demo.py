@@ -106,7 +106,8 @@ def main() -> int:
         result = subprocess.run(
             [helm, "upgrade", "--install", "argosy", str(REPO_ROOT / "charts" / "argosy"),
              "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--kubeconfig", kubeconfig,
-             "--wait", "--timeout", "120s"],
+             # The CRD may already exist from `kubectl apply -f manifests/crds` or an earlier run.
+             "--take-ownership", "--wait", "--timeout", "120s"],
             capture_output=True, text=True, check=False,
         )
         if result.returncode != 0:

@@ -1,0 +1,187 @@
+"""Least privilege, asked of the API server itself: `kubectl auth can-i --as=<service account>`
+for the operator and the gateway, installed cluster-wide and restricted to two namespaces."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from argosy_sandbox.cluster import Sandbox
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "argosy"
+LLD = "llmdeployments.argosy.dev"
+
+
+def _helm_binary() -> Path | None:
+    from argosy_sandbox import build
+
+    if build.HELM.binary("helm").exists():
+        return build.HELM.binary("helm")
+    found = shutil.which("helm")
+    if found:
+        return Path(found)
+    if shutil.which("go"):
+        build.ensure_built((build.HELM,))
+        return build.HELM.binary("helm")
+    return None
+
+
+def _install(sandbox: Sandbox, namespace: str, *values: str) -> Iterator[str]:
+    binary = _helm_binary()
+    if binary is None:
+        pytest.skip("helm is missing: neither the sandbox's cached helm, `helm` on PATH, nor Go to build it")
+    release = f"argosy-{secrets.token_hex(3)}"
+    helm = [str(binary), f"--kubeconfig={sandbox.kubeconfig}"]
+    # The CRD is not what these tests are about, and leaving it out keeps them independent
+    # of whichever release owns it in the shared sandbox.
+    install = subprocess.run(
+        [*helm, "install", release, str(CHART), "--namespace", namespace, "--set", "crds.enabled=false", *values],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert install.returncode == 0, install.stderr
+    try:
+        yield release
+    finally:
+        subprocess.run(
+            [*helm, "uninstall", release, "--namespace", namespace], capture_output=True, text=True, timeout=180
+        )
+
+
+@pytest.fixture
+def cluster_wide(sandbox: Sandbox, namespace: str) -> Iterator[str]:
+    yield from _install(sandbox, namespace)
+
+
+@pytest.fixture
+def scoped(sandbox: Sandbox, namespace: str) -> Iterator[tuple[str, list[str], str]]:
+    """A release watching two fresh namespaces, and a third namespace outside its scope."""
+    suffix = secrets.token_hex(3)
+    watched = [f"rbac-a-{suffix}", f"rbac-b-{suffix}"]
+    outside = f"rbac-out-{suffix}"
+    for name in (*watched, outside):
+        sandbox.kubectl("create", "namespace", name)
+    try:
+        for release in _install(sandbox, namespace, "--set", f"watchNamespaces={{{','.join(watched)}}}"):
+            yield release, watched, outside
+    finally:
+        for name in (*watched, outside):
+            sandbox.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def can(
+    sandbox: Sandbox,
+    account: str,
+    verb: str,
+    resource: str,
+    namespace: str | None = None,
+    subresource: str | None = None,
+) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={account}"]
+    args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    result = sandbox.kubectl(*args, check=False)
+    answer = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert answer in {"yes", "no"}, result.stderr
+    return answer == "yes"
+
+
+def _accounts(namespace: str, release: str) -> tuple[str, str]:
+    prefix = f"system:serviceaccount:{namespace}"
+    return f"{prefix}:{release}-operator", f"{prefix}:{release}-gateway"
+
+
+def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox, namespace, cluster_wide):
+    operator, gateway = _accounts(namespace, cluster_wide)
+    elsewhere = "default"
+
+    # The operator: GPU inventory, its custom resources, the serving workloads, events.
+    for verb, resource, sub in [
+        ("list", "nodes", None),
+        ("watch", "nodes", None),
+        ("get", LLD, None),
+        ("watch", LLD, None),
+        ("patch", LLD, "status"),
+        ("create", "deployments.apps", None),
+        ("patch", "deployments.apps", None),
+        ("delete", "deployments.apps", None),
+        ("patch", "services", None),
+        ("watch", "pods", None),
+        ("create", "events", None),
+    ]:
+        assert can(sandbox, operator, verb, resource, elsewhere, sub), f"operator cannot {verb} {resource}"
+    for verb, resource, ns in [
+        ("get", "secrets", namespace),
+        ("list", "secrets", None),
+        ("get", "secrets", elsewhere),
+        ("patch", "nodes", None),
+        ("delete", "nodes", None),
+        ("update", "nodes", None),
+        ("create", "pods", elsewhere),
+        ("delete", "pods", elsewhere),
+        ("get", "configmaps", elsewhere),
+        ("delete", LLD, elsewhere),
+        ("create", LLD, elsewhere),
+        ("patch", LLD, elsewhere),  # the spec is the user's: the operator writes only status
+        ("update", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("create", "clusterroles.rbac.authorization.k8s.io", None),
+        ("create", "rolebindings.rbac.authorization.k8s.io", elsewhere),
+        ("impersonate", "serviceaccounts", elsewhere),
+    ]:
+        assert not can(sandbox, operator, verb, resource, ns), f"operator can {verb} {resource}"
+    for verb, resource, sub in [
+        ("create", "pods", "exec"),
+        ("create", "serviceaccounts", "token"),
+        ("patch", "nodes", "status"),
+    ]:
+        assert not can(sandbox, operator, verb, resource, elsewhere, sub), f"operator can {verb} {resource}/{sub}"
+
+    # The gateway only reads LLMDeployments and Pods.
+    for verb, resource in [("get", LLD), ("list", LLD), ("watch", LLD), ("list", "pods"), ("watch", "pods")]:
+        assert can(sandbox, gateway, verb, resource, elsewhere), f"gateway cannot {verb} {resource}"
+    for verb, resource, ns in [
+        ("get", "secrets", namespace),
+        ("list", "secrets", None),
+        ("patch", LLD, elsewhere),
+        ("create", "pods", elsewhere),
+        ("delete", "pods", elsewhere),
+        ("list", "nodes", None),
+        ("create", "deployments.apps", elsewhere),
+        ("create", "events", elsewhere),
+    ]:
+        assert not can(sandbox, gateway, verb, resource, ns), f"gateway can {verb} {resource}"
+    for verb, resource, sub in [("get", "pods", "log"), ("create", "pods", "exec"), ("patch", LLD, "status")]:
+        assert not can(sandbox, gateway, verb, resource, elsewhere, sub), f"gateway can {verb} {resource}/{sub}"
+
+
+def test_scoped_install_acts_only_in_watched_namespaces(sandbox, namespace, scoped):
+    release, watched, outside = scoped
+    operator, gateway = _accounts(namespace, release)
+
+    for ns in watched:
+        assert can(sandbox, operator, "watch", LLD, ns)
+        assert can(sandbox, operator, "patch", LLD, ns, "status")
+        assert can(sandbox, operator, "create", "deployments.apps", ns)
+        assert can(sandbox, operator, "delete", "services", ns)
+        assert can(sandbox, gateway, "watch", LLD, ns)
+        assert can(sandbox, gateway, "list", "pods", ns)
+        assert not can(sandbox, operator, "get", "secrets", ns)
+        assert not can(sandbox, gateway, "get", "secrets", ns)
+    # The GPU inventory is cluster-scoped and read-only.
+    assert can(sandbox, operator, "list", "nodes")
+    assert not can(sandbox, operator, "patch", "nodes")
+    # Outside the watched namespaces, nothing.
+    for ns in (outside, namespace, None):
+        assert not can(sandbox, operator, "list", LLD, ns)
+        assert not can(sandbox, operator, "create", "deployments.apps", ns)
+        assert not can(sandbox, operator, "create", "events", ns)
+        assert not can(sandbox, gateway, "list", LLD, ns)
+        assert not can(sandbox, gateway, "list", "pods", ns)

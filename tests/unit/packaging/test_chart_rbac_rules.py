@@ -1,0 +1,83 @@
+"""The RBAC the chart grants, read from the rendered objects (the live checks with
+`kubectl auth can-i` are in tests/e2e/test_chart_rbac.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+
+
+def _rules(objects: list[dict[str, Any]], component: str) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}", rule)
+        for o in objects
+        if o["kind"] in {"ClusterRole", "Role"}
+        and o["metadata"]["labels"].get("app.kubernetes.io/component") == component
+        for rule in o["rules"]
+    ]
+
+
+def test_no_wildcards_and_no_secrets_by_default(render):
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        objects = render(values)
+        for component in ("operator", "gateway"):
+            rules = _rules(objects, component)
+            assert rules
+            for where, rule in rules:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], where
+                assert "*" not in rule["apiGroups"], where
+                assert "secrets" not in rule["resources"], where
+                assert "configmaps" not in rule["resources"], where
+
+
+def test_nodes_are_read_only_and_the_only_cluster_scope_when_namespaced(render):
+    objects = render({"watchNamespaces": ["team-a", "team-b"]})
+    cluster_roles = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["argosy-operator-nodes"]
+    assert cluster_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    roles = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "Role"}
+    assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")}
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"][0]["namespace"] == "argosy-system"
+
+
+def test_gateway_only_reads(render):
+    for _, rule in _rules(render(), "gateway"):
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+    resources = {r for _, rule in _rules(render(), "gateway") for r in rule["resources"]}
+    assert resources == {"llmdeployments", "pods"}
+
+
+def test_operator_writes_only_its_children_status_and_events(render):
+    written = {
+        (group, resource)
+        for _, rule in _rules(render(), "operator")
+        if WRITE_VERBS & set(rule["verbs"])
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert written == {
+        ("argosy.dev", "llmdeployments/status"),
+        ("apps", "deployments"),
+        ("", "services"),
+        ("", "events"),
+    }
+
+
+def test_secrets_are_readable_by_the_operator_only_when_opted_in(render):
+    def secret_rules(objects):
+        return [rule for _, rule in _rules(objects, "operator") if "secrets" in rule["resources"]]
+
+    assert not secret_rules(render())
+    opted_in = secret_rules(render({"operator": {"readHfTokenSecrets": True}, "watchNamespaces": ["team-a"]}))
+    assert opted_in == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    for _, rule in _rules(render({"operator": {"readHfTokenSecrets": True}}), "gateway"):
+        assert "secrets" not in rule["resources"]
+
+
+def test_rbac_can_be_left_to_the_cluster_admin(render):
+    objects = render({"operator": {"rbac": {"create": False}}, "gateway": {"rbac": {"create": False}}})
+    assert not [o for o in objects if o["kind"] in {"ClusterRole", "Role", "ClusterRoleBinding", "RoleBinding"}]
