@@ -143,6 +143,11 @@ def main() -> int:
         done(began, f"operator pid {operator_pid}, gateway pid {gateway_pid} on {gateway}")
 
         began = step(4, total, f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)} (two models)")
+        def namespace_not_terminating() -> bool:
+            phase = sandbox.kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False)
+            return phase.stdout != "Terminating"
+
+        wait(namespace_not_terminating, 120, f"namespace {NAMESPACE} from an earlier demo to finish terminating")
         sandbox.kubectl("create", "namespace", NAMESPACE, check=False)
         sandbox.kubectl("create", "secret", "generic", "hf-token", "-n", NAMESPACE,
                         "--from-literal=token=demo-token-not-used", check=False)
@@ -166,17 +171,28 @@ def main() -> int:
              "--namespace", NAMESPACE, "--vllm-sim"],
         )
 
+        def serving_ips() -> list[str]:
+            listing = sandbox.kubectl("get", "pods", "-n", NAMESPACE, "-l", "argosy.dev/role=server", "-o", "json")
+            return [ip for pod in json.loads(listing.stdout)["items"] if (ip := (pod.get("status") or {}).get("podIP"))]
+
+        def simulators_answer() -> bool:
+            ips = serving_ips()
+            return len(ips) >= len(MODELS) and all(http_ok(f"http://{ip}:8000/health") for ip in ips)
+
+        wait(simulators_answer, 60, "a simulator to answer on every serving pod's IP",
+             sandbox.log_dir / "demo-pod-runner.log")
+
         def models_ready() -> bool:
             try:
                 with urllib.request.urlopen(f"{gateway}/v1/models", timeout=2) as response:
                     listing = json.loads(response.read())
             except (OSError, ValueError):
                 return False
-            ids = {entry["id"] for entry in listing.get("data", [])}
-            return set(MODELS) <= ids
+            ready = {entry["id"] for entry in listing.get("data", []) if entry.get("argosy", {}).get("ready")}
+            return set(MODELS) <= ready
 
-        wait(models_ready, 60, "the gateway to list both models", sandbox.log_dir / "demo-gateway.log")
-        done(began)
+        wait(models_ready, 60, "the gateway to list both models as ready", sandbox.log_dir / "demo-gateway.log")
+        done(began, ", ".join(f"http://{ip}:8000" for ip in serving_ips()))
 
         began = step(6, total, "one chat completion through the gateway with the OpenAI SDK")
         answer = ask(gateway, sandbox)
@@ -192,12 +208,30 @@ def main() -> int:
       curl -s {gateway}/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
       logs: {sandbox.log_dir}/demo-operator.log, demo-gateway.log, demo-pod-runner.log
-      stop everything: make sandbox-down
+      stop the demo: python -m argosy_sandbox.demo stop; stop everything: make sandbox-down
 """)
         return 0
     except DemoError as error:
         print(f"\ndemo failed: {error}", file=sys.stderr)
         return 1
+
+
+def stop() -> int:
+    """Stop the demo's processes (operator, gateway, pod runner and its simulators); the sandbox keeps running."""
+    sandbox = Sandbox()
+    stopped = 0
+    for pid_path in sorted(sandbox.run_dir.glob("demo-*.pid")):
+        try:
+            pid = int(pid_path.read_text())
+        except ValueError:
+            pid = 0
+        if pid and sandbox._is_ours(pid):
+            Sandbox._terminate(pid)
+            stopped += 1
+        pid_path.unlink(missing_ok=True)
+    sandbox.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+    print(f"demo stopped ({stopped} processes); the sandbox is still up (make sandbox-down stops it)")
+    return 0
 
 
 def ask(gateway: str, sandbox: Sandbox) -> str:
@@ -219,4 +253,4 @@ def ask(gateway: str, sandbox: Sandbox) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stop() if sys.argv[1:] == ["stop"] else main())

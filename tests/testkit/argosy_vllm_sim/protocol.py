@@ -24,9 +24,7 @@ RequestKind = Literal["chat", "completion", "embedding"]
 class RequestError(Exception):
     """A request vLLM would refuse; rendered as vLLM's error body with this status."""
 
-    def __init__(
-        self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None
-    ):
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -95,9 +93,7 @@ def _chat_text(messages: Any) -> str:
         content = message.get("content")
         if isinstance(content, list):
             content = "".join(
-                part["text"]
-                for part in content
-                if isinstance(part, dict) and isinstance(part.get("text"), str)
+                part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
             )
         elif content is None:
             content = ""
@@ -141,9 +137,7 @@ def parse_request(kind: RequestKind, raw: bytes, max_model_len: int) -> ParsedRe
     if stream_options is not None and not isinstance(stream_options, dict):
         raise RequestError(400, "stream_options must be an object", param="stream_options")
     if stream_options and not stream:
-        raise RequestError(
-            400, "Stream options can only be defined when `stream=True`.", param="stream_options"
-        )
+        raise RequestError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
     include_usage = bool(stream_options and stream_options.get("include_usage"))
     n = body.get("n", 1)
     if n not in (None, 1):
@@ -151,9 +145,7 @@ def parse_request(kind: RequestKind, raw: bytes, max_model_len: int) -> ParsedRe
 
     if kind == "chat":
         prompt_text = _chat_text(body.get("messages"))
-        max_tokens = _optional_positive_int(body, "max_completion_tokens") or _optional_positive_int(
-            body, "max_tokens"
-        )
+        max_tokens = _optional_positive_int(body, "max_completion_tokens") or _optional_positive_int(body, "max_tokens")
     else:
         if "prompt" not in body:
             raise RequestError(400, "prompt is required", param="prompt")
@@ -192,9 +184,7 @@ def _parse_embedding(body: dict[str, Any], model: str, max_model_len: int) -> Pa
         elif all(isinstance(item, list) and item for item in raw_input):
             inputs = [_token_ids_text(item) for item in raw_input]
         else:
-            raise RequestError(
-                400, "input must be a string, a list of strings or of token ids", param="input"
-            )
+            raise RequestError(400, "input must be a string, a list of strings or of token ids", param="input")
     else:
         raise RequestError(400, "input must be a non-empty string or list", param="input")
     encoding_format = body.get("encoding_format") or "float"
@@ -331,9 +321,7 @@ class Renderer:
                 f'"logprobs":null,"finish_reason":null}}]}}\n\n'
             )
             for i, token in enumerate(tokens):
-                end = (
-                    f'"finish_reason":"{finish}","stop_reason":null' if i == last else '"finish_reason":null'
-                )
+                end = f'"finish_reason":"{finish}","stop_reason":null' if i == last else '"finish_reason":null'
                 tails.append(
                     f',"model":{model},"choices":[{{"index":0,"delta":{{"content":{_j(token)}}},'
                     f'"logprobs":null,{end}}}]}}\n\n'
@@ -370,9 +358,7 @@ class Renderer:
         for index, text in enumerate(parsed.embedding_inputs):
             vector = embedding_vector(text, dim)
             encoded: Any = (
-                base64.b64encode(array.array("f", vector).tobytes()).decode()
-                if parsed.embedding_base64
-                else vector
+                base64.b64encode(array.array("f", vector).tobytes()).decode() if parsed.embedding_base64 else vector
             )
             data.append({"index": index, "object": "embedding", "embedding": encoded})
         return json.dumps(

@@ -87,9 +87,7 @@ class _Simulator:
         self.itl_s = config.itl_ms / 1000
         self.prefill_s_per_token = config.prefill_ms_per_token / 1000
         self.static_address = (
-            None
-            if config.host in _WILDCARD_HOSTS or config.port == 0
-            else _format_address(config.host, config.port)
+            None if config.host in _WILDCARD_HOSTS or config.port == 0 else _format_address(config.host, config.port)
         )
         self._renderers: dict[str, Renderer] = {}
         self._headers: dict[str, dict[str, str]] = {}
@@ -169,9 +167,7 @@ class _Simulator:
             raise
         try:
             hashes = (
-                chained_block_hashes(parsed.prompt_text, self.block_chars)
-                if engine.prefix_cache is not None
-                else []
+                chained_block_hashes(parsed.prompt_text, self.block_chars) if engine.prefix_cache is not None else []
             )
             cached = engine.cached_prefix_tokens(hashes, parsed.prompt_tokens, block_size)
             stats.prompt_tokens += parsed.prompt_tokens
@@ -277,9 +273,7 @@ class _Simulator:
             )
         finally:
             engine.release(kv_blocks)
-        return web.Response(
-            body=body, headers=self._response_headers(self._address(request), "application/json")
-        )
+        return web.Response(body=body, headers=self._response_headers(self._address(request), "application/json"))
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -436,11 +430,14 @@ def build_app(config: SimConfig) -> web.Application:
 class SimServer:
     """Runs the simulator on config.host:config.port (port 0 picks a free port) until stopped.
 
-    Usable as `async with SimServer(config) as server: ... server.url ...`.
+    Usable as `async with SimServer(config) as server: ... server.url ...`. Stopping waits up to
+    `shutdown_timeout` seconds for requests in flight; the default, 0, cuts them off at once, the
+    way a crashed or killed server would.
     """
 
-    def __init__(self, config: SimConfig) -> None:
+    def __init__(self, config: SimConfig, shutdown_timeout: float = 0.0) -> None:
         self.config = config
+        self.shutdown_timeout = shutdown_timeout
         self.app = build_app(config)
         self._runner: web.AppRunner | None = None
         self.port = config.port
@@ -450,7 +447,10 @@ class SimServer:
         return f"http://{_format_address(self.config.host, self.port)}"
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # aiohttp reads a timeout of 0 as "wait forever"; a hundredth of a second is "at once".
+        runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=max(self.shutdown_timeout, 0.01)
+        )
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, backlog=4096)
         await site.start()
@@ -475,8 +475,8 @@ class SimServer:
         await self.stop()
 
 
-async def serve_forever(config: SimConfig, ready_message: bool = True) -> None:
-    """Serve until SIGINT or SIGTERM."""
+async def serve_forever(config: SimConfig, ready_message: bool = True, drain_seconds: float = 5.0) -> None:
+    """Serve until SIGINT or SIGTERM, then give requests in flight `drain_seconds` to finish."""
     import signal
 
     stop = asyncio.Event()
@@ -484,7 +484,7 @@ async def serve_forever(config: SimConfig, ready_message: bool = True) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    async with SimServer(config) as server:
+    async with SimServer(config, shutdown_timeout=drain_seconds) as server:
         if ready_message:
             print(f"argosy-vllm-sim serving {', '.join(config.models)} on {server.url}", flush=True)
         await stop.wait()

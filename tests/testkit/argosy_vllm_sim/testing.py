@@ -22,9 +22,7 @@ def parse_metrics(text: str) -> dict[str, float]:
         if match is None:
             continue
         labels = [
-            label
-            for label in (match["labels"] or "").split(",")
-            if label and not label.startswith(_ALWAYS_PRESENT)
+            label for label in (match["labels"] or "").split(",") if label and not label.startswith(_ALWAYS_PRESENT)
         ]
         key = match["name"] + (f"{{{','.join(labels)}}}" if labels else "")
         samples[key] = float(match["value"])

@@ -1,0 +1,404 @@
+"""The proxy paths as raw ASGI endpoints: the hot path of the gateway.
+
+They are mounted as Starlette routes inside the FastAPI app, but skip FastAPI's
+request parsing, dependency injection and response classes: the body is read once,
+parsed once with the standard json module, forwarded as the original bytes, and the
+upstream response is passed through as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from time import monotonic, perf_counter
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from argosy_gateway import errors
+from argosy_gateway.errors import GatewayError
+from argosy_gateway.metrics import UNKNOWN_MODEL
+from argosy_gateway.parsing import ParsedRequest, parse_request, prompt_prefix
+from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
+from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.usage import extract_usage
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+
+STATUS_CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
+_FORWARDED_REQUEST_HEADERS = (b"x-request-id", b"traceparent", b"tracestate")
+_EVENT_STREAM = "text/event-stream"
+_RETRYABLE_STATUSES = (502, 503)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while we were still reading its request."""
+
+
+class _Attempt(Exception):
+    """A failed upstream attempt before any byte reached the client (may be retried)."""
+
+    def __init__(self, reason: str, error: GatewayError, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+        self.retryable = retryable
+
+
+class _StreamSilent(Exception):
+    """The upstream stream sent nothing for the between-chunk timeout."""
+
+
+class _SilenceWatchdog:
+    """Fails a stream's pending read once nothing arrived for ``seconds``.
+
+    Cheaper than a timeout context per chunk: the hot loop only stores the time of the
+    last chunk, and one timer re-arms itself at most once per ``seconds``.
+    """
+
+    __slots__ = ("_content", "_handle", "_loop", "_seconds", "last_activity", "sending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, content: aiohttp.StreamReader) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._content = content
+        self.last_activity = loop.time()
+        self.sending = False  # a slow client is not a silent server
+        self._handle = loop.call_at(self.last_activity + seconds, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        deadline = (now if self.sending else self.last_activity) + self._seconds
+        if now >= deadline:
+            self._content.set_exception(_StreamSilent())
+        else:
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class _Exchange:
+    """Per-request bookkeeping shared with the disconnect watcher."""
+
+    __slots__ = ("disconnected", "watcher")
+
+    def __init__(self) -> None:
+        self.disconnected = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+
+async def _watch_disconnect(receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            exchange.disconnected = True
+            task.cancel()
+            return
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    body = error.body()
+    await send({"type": "http.response.start", "status": error.status, "headers": error.headers(len(body))})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ProxyEndpoint:
+    """ASGI app for one OpenAI path (``/v1/chat/completions`` and friends)."""
+
+    def __init__(self, runtime: GatewayRuntime, kind: str, path: str) -> None:
+        self.runtime = runtime
+        self.kind = kind
+        self.path = path
+        self._urls: dict[str, URL] = {}
+        self._addresses: dict[str, bytes] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.runtime
+        started = perf_counter()
+        model_label = UNKNOWN_MODEL
+        status = 500
+        exchange = _Exchange()
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            try:
+                content_length = -1
+                authorization = session_id = None
+                forwarded: dict[str, str] = {"Content-Type": "application/json"}
+                for name, value in scope["headers"]:
+                    if name == b"content-length":
+                        content_length = int(value) if value.isdigit() else -1
+                    elif name == b"authorization":
+                        authorization = value
+                    elif name == b"x-session-id":
+                        session_id = value.decode("latin-1")
+                    elif name in _FORWARDED_REQUEST_HEADERS:
+                        forwarded[name.decode()] = value.decode("latin-1")
+                key = runtime.authenticate(authorization)
+                limit = runtime.settings.max_body_bytes
+                if content_length > limit:
+                    raise errors.body_too_large(limit)
+                body = await _read_body(receive, limit)
+                parsed = parse_request(self.kind, body)
+                route = runtime.table.get(parsed.model)
+                if route is None:
+                    names = runtime.table.model_names()
+                    raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
+                model_label = route.name
+                runtime.admit(key, route.name)
+                if not route.endpoints:
+                    raise errors.no_ready_replica(route.name, runtime.settings.retry_after_seconds)
+                exchange.watcher = asyncio.create_task(_watch_disconnect(receive, exchange, task))
+                status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
+            except GatewayError as error:
+                status = error.status
+                exchange.stop_watching()
+                await send_error(send, error)
+            except _ClientGone:
+                status = STATUS_CLIENT_CLOSED
+        except asyncio.CancelledError:
+            if not exchange.disconnected:
+                raise
+            task.uncancel()
+            status = STATUS_CLIENT_CLOSED
+            runtime.metrics.client_disconnects.labels(model_label).inc()
+        except Exception:
+            # A bug, never a client's doing: log it and answer a well-formed 500.
+            log.exception("unexpected error while proxying %s", self.path)
+            exchange.stop_watching()
+            status = 500
+            with contextlib.suppress(Exception):  # the response may already have started
+                await send_error(send, GatewayError(500, "Internal gateway error.", error_type="server_error"))
+        finally:
+            exchange.stop_watching()
+            runtime.metrics.request_done(model_label, status, perf_counter() - started)
+
+    async def _forward(
+        self,
+        send: Send,
+        exchange: _Exchange,
+        route: ModelRoute,
+        parsed: ParsedRequest,
+        body: bytes,
+        headers: dict[str, str],
+        session_id: str | None,
+        started: float,
+    ) -> int:
+        runtime = self.runtime
+        policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
+        affinity: str | None = None
+        if policy.needs == "prefix":
+            affinity = prompt_prefix(self.kind, parsed.body, runtime.settings.prefix_chars)
+        elif policy.needs == "session":
+            affinity = session_id or parsed.user
+        tried: list[str] = []
+        retries_left = runtime.settings.retries
+        while True:
+            candidates = runtime.health.usable(route.endpoints, monotonic())
+            if tried:
+                candidates = [e for e in candidates if e not in tried] or [e for e in route.endpoints if e not in tried]
+            endpoint = policy.choose(route.name, candidates, runtime.outstanding, affinity)
+            try:
+                return await self._attempt(send, exchange, route.name, endpoint, body, headers, started)
+            except _Attempt as failed:
+                tried.append(endpoint)
+                more = any(e not in tried for e in route.endpoints)
+                if not (failed.retryable and retries_left > 0 and more):
+                    raise failed.error from None
+                retries_left -= 1
+                runtime.metrics.retries.labels(route.name).inc()
+                log.info("retrying %s on another endpoint after %s from %s", route.name, failed.reason, endpoint)
+
+    def _failure(self, model: str, endpoint: str, reason: str) -> None:
+        runtime = self.runtime
+        runtime.metrics.upstream_errors.labels(model, self._address(endpoint).decode(), reason).inc()
+        if runtime.health.record_failure(endpoint, monotonic()):
+            runtime.metrics.ejections.labels(self._address(endpoint).decode()).inc()
+            log.warning(
+                "ejecting endpoint %s for %.0f s after %d consecutive failures",
+                endpoint,
+                runtime.settings.eject_seconds,
+                runtime.settings.eject_after_failures,
+            )
+
+    async def _attempt(
+        self,
+        send: Send,
+        exchange: _Exchange,
+        model: str,
+        endpoint: str,
+        body: bytes,
+        headers: dict[str, str],
+        started: float,
+    ) -> int:
+        runtime = self.runtime
+        settings = runtime.settings
+        address = self._address(endpoint)
+        runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
+        in_flight = runtime.metrics.in_flight_child(model, address.decode())
+        in_flight.inc()
+        response: aiohttp.ClientResponse | None = None
+        clean = False
+        try:
+            try:
+                async with asyncio.timeout(settings.first_byte_timeout_seconds):
+                    response = await runtime.session.post(self._url(endpoint), data=body, headers=headers)
+                    status = response.status
+                    if status in _RETRYABLE_STATUSES:
+                        self._failure(model, endpoint, f"status_{status}")
+                        raise _Attempt(
+                            f"HTTP {status}",
+                            errors.upstream_failed(f"The model server answered HTTP {status}."),
+                            retryable=True,
+                        )
+                    is_stream = response.content_type == _EVENT_STREAM
+                    if is_stream:
+                        first = await response.content.readany()
+                    else:
+                        first = await response.read()
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                self._failure(model, endpoint, "connect")
+                raise _Attempt(
+                    "connect", errors.upstream_failed(f"Cannot connect to the model server: {exc}."), True
+                ) from None
+            except TimeoutError:
+                self._failure(model, endpoint, "timeout")
+                raise _Attempt(
+                    "timeout",
+                    errors.upstream_timeout(
+                        f"The model server sent nothing within {settings.first_byte_timeout_seconds:g} s."
+                    ),
+                    False,
+                ) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                self._failure(model, endpoint, "disconnect")
+                raise _Attempt(
+                    "disconnect",
+                    errors.upstream_failed(f"The model server failed before answering: {type(exc).__name__}."),
+                    True,
+                ) from None
+
+            runtime.health.record_success(endpoint)
+            response_headers = [
+                (b"content-type", response.headers.get("Content-Type", "application/json").encode("latin-1")),
+                (b"x-argosy-endpoint", address),
+            ]
+            encoding = response.headers.get("Content-Encoding")
+            if encoding is not None:
+                response_headers.append((b"content-encoding", encoding.encode("latin-1")))
+            if not is_stream:
+                response_headers.append((b"content-length", str(len(first)).encode()))
+                exchange.stop_watching()
+                await send({"type": "http.response.start", "status": status, "headers": response_headers})
+                await send({"type": "http.response.body", "body": first})
+                runtime.metrics.first_byte(model, perf_counter() - started)
+                if status == 200:
+                    runtime.metrics.usage(model, *extract_usage(first[-2048:]))
+                clean = True
+                return status
+
+            response_headers.append((b"cache-control", b"no-cache"))
+            await send({"type": "http.response.start", "status": status, "headers": response_headers})
+            previous = b""
+            last = first
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                runtime.metrics.first_byte(model, perf_counter() - started)
+            chunk_timeout = settings.chunk_timeout_seconds
+            content = response.content
+            loop = asyncio.get_running_loop()
+            watchdog = _SilenceWatchdog(loop, chunk_timeout, content)
+            try:
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except _StreamSilent:
+                        self._failure(model, endpoint, "timeout")
+                        message = f"The model server sent nothing for {chunk_timeout:g} s; the stream was cut."
+                        break_with = errors.sse_error_event(message, "upstream_error", "upstream_timeout")
+                        break
+                    except (aiohttp.ClientError, OSError) as exc:
+                        self._failure(model, endpoint, "disconnect")
+                        message = f"The model server failed during the stream: {type(exc).__name__}."
+                        break_with = errors.sse_error_event(message)
+                        break
+                    if not chunk:
+                        clean = True
+                        break_with = b""
+                        break
+                    if not last:
+                        runtime.metrics.first_byte(model, perf_counter() - started)
+                    previous, last = last, chunk
+                    watchdog.sending = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    watchdog.sending = False
+                    watchdog.last_activity = loop.time()
+            finally:
+                watchdog.cancel()
+            exchange.stop_watching()
+            await send({"type": "http.response.body", "body": break_with})
+            if clean and status == 200:
+                runtime.metrics.usage(model, *extract_usage((previous + last)[-4096:]))
+            return status
+        finally:
+            count = runtime.outstanding.get(endpoint, 1) - 1
+            if count > 0:
+                runtime.outstanding[endpoint] = count
+            else:
+                runtime.outstanding.pop(endpoint, None)
+            in_flight.dec()
+            if response is not None:
+                if clean:
+                    response.release()
+                else:
+                    # Closing (not releasing) drops the connection, which is how the model
+                    # server learns to abort the request.
+                    response.close()
+
+    def _url(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            if len(self._urls) > 4096:
+                self._urls.clear()
+            url = self._urls[endpoint] = URL(endpoint + self.path)
+        return url
+
+    def _address(self, endpoint: str) -> bytes:
+        address = self._addresses.get(endpoint)
+        if address is None:
+            if len(self._addresses) > 4096:
+                self._addresses.clear()
+            address = self._addresses[endpoint] = endpoint_address(endpoint).encode()
+        return address
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

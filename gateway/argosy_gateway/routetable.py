@@ -1,0 +1,73 @@
+"""The route table: an immutable snapshot of which endpoints serve which model.
+
+Discovery builds a new table whenever something changes and swaps it in with one
+attribute assignment, so a request always sees one consistent snapshot. Pure: no
+web framework, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+LEAST_OUTSTANDING: Final = "least-outstanding"
+ROUND_ROBIN: Final = "round-robin"
+PREFIX_AFFINITY: Final = "prefix-affinity"
+SESSION_AFFINITY: Final = "session-affinity"
+POLICY_NAMES: Final[tuple[str, ...]] = (LEAST_OUTSTANDING, ROUND_ROBIN, PREFIX_AFFINITY, SESSION_AFFINITY)
+DEFAULT_POLICY: Final = LEAST_OUTSTANDING
+
+
+def endpoint_address(url: str) -> str:
+    """``http://10.0.0.7:8000/`` -> ``10.0.0.7:8000`` (the value of ``x-argosy-endpoint``)."""
+    address = url.split("://", 1)[-1]
+    return address.split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """One served model name: its ready endpoints (base URLs) and routing policy.
+
+    A model with no ready endpoint is known (it answers 503, not 404).
+    """
+
+    name: str
+    endpoints: tuple[str, ...]
+    policy: str = DEFAULT_POLICY
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    routes: Mapping[str, ModelRoute] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def build(cls, routes: Iterable[ModelRoute]) -> RouteTable:
+        by_name: dict[str, ModelRoute] = {}
+        for route in routes:
+            previous = by_name.get(route.name)
+            if previous is None:
+                by_name[route.name] = route
+            else:
+                # The same served name from two sources: serve from the union of endpoints,
+                # keeping the first source's policy.
+                merged = previous.endpoints + tuple(e for e in route.endpoints if e not in previous.endpoints)
+                by_name[route.name] = ModelRoute(previous.name, merged, previous.policy)
+        return cls(MappingProxyType(dict(sorted(by_name.items()))))
+
+    def get(self, model: str) -> ModelRoute | None:
+        return self.routes.get(model)
+
+    def model_names(self) -> list[str]:
+        return list(self.routes)
+
+    def endpoints(self) -> frozenset[str]:
+        return frozenset(e for route in self.routes.values() for e in route.endpoints)
+
+
+EMPTY_TABLE: Final = RouteTable()

@@ -1,0 +1,79 @@
+"""Per-app state: the current route table, the pooled client, load and health.
+
+One instance per app, created by ``create_app``; nothing lives at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+
+from argosy_gateway.auth import ApiKey, KeyStore, bearer_token
+from argosy_gateway.errors import forbidden, rate_limited, unauthorized
+from argosy_gateway.health import EndpointHealth
+from argosy_gateway.metrics import GatewayMetrics
+from argosy_gateway.policies import Policy, build_policies
+from argosy_gateway.ratelimit import TokenBuckets
+from argosy_gateway.routetable import EMPTY_TABLE, RouteTable
+from argosy_gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class GatewayRuntime:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.table: RouteTable = EMPTY_TABLE
+        self.loaded = False
+        self._session: aiohttp.ClientSession | None = None
+        self.policies: dict[str, Policy] = build_policies(settings.prefix_load_factor)
+        self.health = EndpointHealth(settings.eject_after_failures, settings.eject_seconds)
+        self.outstanding: dict[str, int] = {}
+        self.metrics = GatewayMetrics()
+        self.keys: KeyStore | None = None
+        self.buckets = TokenBuckets()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the gateway's upstream client is open only while the app runs")
+        return self._session
+
+    @session.setter
+    def session(self, value: aiohttp.ClientSession | None) -> None:
+        self._session = value
+
+    def publish(self, table: RouteTable) -> None:
+        """Swap in a new route table (one assignment: requests see old or new, never a mix)."""
+        self.table = table
+        if not self.loaded:
+            log.info("discovery loaded: gateway is ready")
+        self.loaded = True
+        self.metrics.table_published({name: len(route.endpoints) for name, route in table.routes.items()})
+        self.metrics.forget_endpoints(frozenset(e.split("://", 1)[-1] for e in table.endpoints()))
+
+    def authenticate(self, authorization: bytes | None) -> ApiKey | None:
+        """The caller's key, or None when the gateway is open; raises 401."""
+        keys = self.keys
+        if keys is None:
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        key = keys.lookup(token)
+        if key is None:
+            raise unauthorized("Invalid API key.")
+        return key
+
+    def admit(self, key: ApiKey | None, model: str) -> None:
+        """Check the key's model allow-list (403) and rate (429)."""
+        if key is None:
+            return
+        if not key.allows(model):
+            raise forbidden(model)
+        if key.requests_per_minute is not None:
+            wait = self.buckets.acquire(key.name, key.requests_per_minute, time.monotonic())
+            if wait:
+                raise rate_limited(wait)

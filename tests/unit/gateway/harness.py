@@ -1,0 +1,142 @@
+"""Test harness: vLLM simulators as subprocesses and an in-process gateway on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from argosy_gateway.app import create_app
+from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.settings import GatewaySettings
+
+SIM_BIN = Path(sys.executable).with_name("argosy-vllm-sim")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Simulator:
+    """One ``argosy-vllm-sim`` process on 127.0.0.1 (killable, like a real pod)."""
+
+    def __init__(self, models: Sequence[str], *, ttft_ms: float = 0, itl_ms: float = 0, max_num_seqs: int = 256):
+        self.models = tuple(models)
+        self.port = free_port()
+        args = [str(SIM_BIN), "--host", "127.0.0.1", "--port", str(self.port)]
+        for model in self.models:
+            args += ["--model", model]
+        args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--max-num-seqs", str(max_num_seqs)]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"simulator did not start: {stderr}")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def metric(self, name: str) -> float:
+        """Sum of one metric's samples from the simulator's /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
+            text = response.read().decode()
+        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+        return sum(float(value) for value in pattern.findall(text))
+
+    async def ametric(self, name: str) -> float:
+        return await asyncio.to_thread(self.metric, name)
+
+
+def write_routes(path: Path, models: dict[str, Sequence[str]], policies: dict[str, str] | None = None) -> None:
+    entries: list[dict[str, Any]] = []
+    for name, endpoints in models.items():
+        entry: dict[str, Any] = {"name": name, "endpoints": list(endpoints)}
+        if policies and name in policies:
+            entry["policy"] = policies[name]
+        entries.append(entry)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(yaml.safe_dump({"models": entries}))
+    os.replace(temporary, path)
+
+
+class RunningGateway:
+    """``create_app(settings)`` served by uvicorn (httptools) on a free 127.0.0.1 port."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+        )
+        self.server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def runtime(self) -> GatewayRuntime:
+        runtime: GatewayRuntime = self.app.state.runtime
+        return runtime
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve())
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway did not start")
+            await asyncio.sleep(0.01)
+
+    async def wait_loaded(self, within_seconds: float = 5.0) -> None:
+        deadline = time.monotonic() + within_seconds
+        while not self.runtime.loaded:
+            if time.monotonic() > deadline:
+                raise RuntimeError("gateway discovery did not load")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await asyncio.wait_for(self._task, 15)
