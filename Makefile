@@ -41,8 +41,14 @@ manifests-check: sandbox-build ## fail when a generated file is stale
 	@$(PY) manifests/install/render.py --check
 	@$(PY) -m argosy_operator.docgen --check
 
-lint: venv ## ruff
+STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/builders.py \
+	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
+	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py \
+	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py
+
+lint: venv ## ruff everywhere, mypy --strict on the pure modules
 	@$(PY) -m ruff check operator gateway tests
+	@$(PY) -m mypy --strict $(STRICT_MODULES)
 
 test-unit: venv ## unit tests only (no sandbox)
 	@$(PY) -m pytest -q tests/unit

@@ -10,6 +10,7 @@ PlacementReason = Literal[
     "InvalidParallelism",
     "UnknownModel",
     "ModelFactsUnavailable",
+    "MaxModelLenTooLong",
 ]
 
 
