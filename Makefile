@@ -14,7 +14,7 @@ venv: .venv/.installed ## create .venv with the locked dependencies
 .venv/.installed: $(VENV_INPUTS)
 	@echo "==> installing Python dependencies into .venv (locked: images/constraints.txt)"
 	@test -x $(PY) || python3 -m venv .venv
-	@$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
 	@$(PY) -m pip install -q --disable-pip-version-check uv
 	@$(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt \
 		-e operator -e gateway -e tests/testkit -r .ci/requirements-dev.in
