@@ -17,7 +17,7 @@ from argosy_gateway.proxy import ProxyEndpoint
 from argosy_gateway.routes import install_routes
 from argosy_gateway.runtime import GatewayRuntime
 from argosy_gateway.settings import GatewaySettings, load_settings
-from argosy_gateway.upstream import create_session
+from argosy_gateway.upstream import create_upstream
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.session = create_session(settings)
+        runtime.upstream = create_upstream(settings)
         tasks: list[asyncio.Task[None]] = []
         if settings.api_keys_file is not None:
             _load_keys(runtime, settings.api_keys_file)
@@ -44,8 +44,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await runtime.session.close()
-            runtime.session = None
+            await runtime.upstream.close()
+            runtime.upstream = None
 
     app = GatewayApp(
         title="Argosy gateway",
@@ -90,7 +90,8 @@ def create_app_from_environment() -> FastAPI:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The operator's logfmt-like layout, so one log pipeline parses both.
+    logging.basicConfig(level=level.upper(), format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
 
 
 async def _run_discovery(runtime: GatewayRuntime) -> None:
@@ -121,12 +122,12 @@ def _load_keys(runtime: GatewayRuntime, path: Path) -> bool:
     return True
 
 
-def _signature(path: Path) -> tuple[float, int] | None:
+def _signature(path: Path) -> tuple[int, int, int] | None:
     try:
         stat = path.stat()  # follows symlinks, so a Secret volume's atomic swap is seen
     except OSError:
         return None
-    return (stat.st_mtime, stat.st_size)
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 async def _watch_keys(runtime: GatewayRuntime, path: Path) -> None:

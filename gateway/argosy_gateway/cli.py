@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         proxy_headers=False,
         server_header=False,
         log_level=level.lower(),
+        log_config=None,  # uvicorn's loggers go through the root handler configured above
         timeout_keep_alive=int(settings.client_keepalive_seconds),
         timeout_graceful_shutdown=30,
     )

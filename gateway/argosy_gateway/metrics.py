@@ -70,6 +70,18 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.key_requests = Counter(
+            f"{PREFIX}_api_key_requests",
+            "Requests admitted per API key name (from the keys file) and model.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.key_rejections = Counter(
+            f"{PREFIX}_api_key_rejections",
+            "Requests refused per API key name: model_not_allowed (403) or rate_limited (429).",
+            ["key", "reason"],
+            registry=r,
+        )
         self.models = Gauge(f"{PREFIX}_models", "Models known to the route table.", registry=r)
         self.ready_endpoints = Gauge(f"{PREFIX}_ready_endpoints", "Ready endpoints per model.", ["model"], registry=r)
         self.route_table_updates = Counter(
@@ -103,6 +115,13 @@ class GatewayMetrics:
         if child is None:
             child = self._children[key] = self.in_flight.labels(model, endpoint)
         return child  # type: ignore[return-value]
+
+    def key_admitted(self, key: str, model: str) -> None:
+        child_key: tuple[str, ...] = ("k", key, model)
+        child = self._children.get(child_key)
+        if child is None:
+            child = self._children[child_key] = self.key_requests.labels(key, model)
+        child.inc()  # type: ignore[attr-defined]
 
     def usage(self, model: str, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         if prompt_tokens:

@@ -15,15 +15,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from time import monotonic, perf_counter
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
 from argosy_gateway import errors
 from argosy_gateway.errors import GatewayError
 from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
 Scope = MutableMapping[str, Any]
@@ -64,12 +62,12 @@ class _SilenceWatchdog:
     last chunk, and one timer re-arms itself at most once per ``seconds``.
     """
 
-    __slots__ = ("_content", "_handle", "_loop", "_seconds", "last_activity", "sending")
+    __slots__ = ("_handle", "_loop", "_response", "_seconds", "last_activity", "sending")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, content: aiohttp.StreamReader) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, response: UpstreamResponse) -> None:
         self._loop = loop
         self._seconds = seconds
-        self._content = content
+        self._response = response
         self.last_activity = loop.time()
         self.sending = False  # a slow client is not a silent server
         self._handle = loop.call_at(self.last_activity + seconds, self._check)
@@ -78,7 +76,7 @@ class _SilenceWatchdog:
         now = self._loop.time()
         deadline = (now if self.sending else self.last_activity) + self._seconds
         if now >= deadline:
-            self._content.set_exception(_StreamSilent())
+            self._response.fail(_StreamSilent())
         else:
             self._handle = self._loop.call_at(deadline, self._check)
 
@@ -123,7 +121,6 @@ class ProxyEndpoint:
         self.runtime = runtime
         self.kind = kind
         self.path = path
-        self._urls: dict[str, URL] = {}
         self._addresses: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -251,12 +248,12 @@ class ProxyEndpoint:
         runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
         in_flight = runtime.metrics.in_flight_child(model, address.decode())
         in_flight.inc()
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         clean = False
         try:
             try:
                 async with asyncio.timeout(settings.first_byte_timeout_seconds):
-                    response = await runtime.session.post(self._url(endpoint), data=body, headers=headers)
+                    response = await runtime.upstream.post(endpoint, self.path, body, headers)
                     status = response.status
                     if status in _RETRYABLE_STATUSES:
                         self._failure(model, endpoint, f"status_{status}")
@@ -265,12 +262,13 @@ class ProxyEndpoint:
                             errors.upstream_failed(f"The model server answered HTTP {status}."),
                             retryable=True,
                         )
-                    is_stream = response.content_type == _EVENT_STREAM
+                    content_type = response.header("content-type") or "application/json"
+                    is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
                     if is_stream:
-                        first = await response.content.readany()
+                        first = await response.read_chunk()
                     else:
                         first = await response.read()
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            except UpstreamConnectError as exc:
                 self._failure(model, endpoint, "connect")
                 raise _Attempt(
                     "connect", errors.upstream_failed(f"Cannot connect to the model server: {exc}."), True
@@ -284,20 +282,20 @@ class ProxyEndpoint:
                     ),
                     False,
                 ) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                self._failure(model, endpoint, "disconnect")
+            except UpstreamError as exc:
+                self._failure(model, endpoint, exc.reason)
                 raise _Attempt(
-                    "disconnect",
-                    errors.upstream_failed(f"The model server failed before answering: {type(exc).__name__}."),
+                    exc.reason,
+                    errors.upstream_failed(f"The model server failed before answering: {exc}."),
                     True,
                 ) from None
 
             runtime.health.record_success(endpoint)
             response_headers = [
-                (b"content-type", response.headers.get("Content-Type", "application/json").encode("latin-1")),
+                (b"content-type", content_type.encode("latin-1")),
                 (b"x-argosy-endpoint", address),
             ]
-            encoding = response.headers.get("Content-Encoding")
+            encoding = response.header("content-encoding")
             if encoding is not None:
                 response_headers.append((b"content-encoding", encoding.encode("latin-1")))
             if not is_stream:
@@ -319,21 +317,21 @@ class ProxyEndpoint:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
                 runtime.metrics.first_byte(model, perf_counter() - started)
             chunk_timeout = settings.chunk_timeout_seconds
-            content = response.content
             loop = asyncio.get_running_loop()
-            watchdog = _SilenceWatchdog(loop, chunk_timeout, content)
+            watchdog = _SilenceWatchdog(loop, chunk_timeout, response)
+            read_chunk = response.read_chunk
             try:
                 while True:
                     try:
-                        chunk = await content.readany()
+                        chunk = await read_chunk()
                     except _StreamSilent:
                         self._failure(model, endpoint, "timeout")
                         message = f"The model server sent nothing for {chunk_timeout:g} s; the stream was cut."
                         break_with = errors.sse_error_event(message, "upstream_error", "upstream_timeout")
                         break
-                    except (aiohttp.ClientError, OSError) as exc:
-                        self._failure(model, endpoint, "disconnect")
-                        message = f"The model server failed during the stream: {type(exc).__name__}."
+                    except UpstreamError as exc:
+                        self._failure(model, endpoint, exc.reason)
+                        message = f"The model server failed during the stream: {exc}."
                         break_with = errors.sse_error_event(message)
                         break
                     if not chunk:
@@ -368,14 +366,6 @@ class ProxyEndpoint:
                     # Closing (not releasing) drops the connection, which is how the model
                     # server learns to abort the request.
                     response.close()
-
-    def _url(self, endpoint: str) -> URL:
-        url = self._urls.get(endpoint)
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()
-            url = self._urls[endpoint] = URL(endpoint + self.path)
-        return url
 
     def _address(self, endpoint: str) -> bytes:
         address = self._addresses.get(endpoint)

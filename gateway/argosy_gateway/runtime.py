@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 import time
 
-import aiohttp
-
 from argosy_gateway.auth import ApiKey, KeyStore, bearer_token
 from argosy_gateway.errors import forbidden, rate_limited, unauthorized
 from argosy_gateway.health import EndpointHealth
@@ -18,6 +16,7 @@ from argosy_gateway.policies import Policy, build_policies
 from argosy_gateway.ratelimit import TokenBuckets
 from argosy_gateway.routetable import EMPTY_TABLE, RouteTable
 from argosy_gateway.settings import GatewaySettings
+from argosy_gateway.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ class GatewayRuntime:
         self.settings = settings
         self.table: RouteTable = EMPTY_TABLE
         self.loaded = False
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
         self.policies: dict[str, Policy] = build_policies(settings.prefix_load_factor)
         self.health = EndpointHealth(settings.eject_after_failures, settings.eject_seconds)
         self.outstanding: dict[str, int] = {}
@@ -36,14 +35,14 @@ class GatewayRuntime:
         self.buckets = TokenBuckets()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
             raise RuntimeError("the gateway's upstream client is open only while the app runs")
-        return self._session
+        return self._upstream
 
-    @session.setter
-    def session(self, value: aiohttp.ClientSession | None) -> None:
-        self._session = value
+    @upstream.setter
+    def upstream(self, value: Upstream | None) -> None:
+        self._upstream = value
 
     def publish(self, table: RouteTable) -> None:
         """Swap in a new route table (one assignment: requests see old or new, never a mix)."""
@@ -72,8 +71,11 @@ class GatewayRuntime:
         if key is None:
             return
         if not key.allows(model):
+            self.metrics.key_rejections.labels(key.name, "model_not_allowed").inc()
             raise forbidden(model)
         if key.requests_per_minute is not None:
             wait = self.buckets.acquire(key.name, key.requests_per_minute, time.monotonic())
             if wait:
+                self.metrics.key_rejections.labels(key.name, "rate_limited").inc()
                 raise rate_limited(wait)
+        self.metrics.key_admitted(key.name, model)

@@ -35,7 +35,8 @@ class GatewaySettings(BaseSettings):
     chunk_timeout_seconds: float = Field(120.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     max_connections_per_endpoint: int = Field(256, ge=0)
-    keepalive_seconds: float = Field(60.0, gt=0)
+    # vLLM (uvicorn) closes idle connections after 5 s; reusing one it is closing costs a retry.
+    keepalive_seconds: float = Field(4.0, gt=0)
     retries: int = Field(1, ge=0, le=3)
     eject_after_failures: int = Field(3, ge=1)
     eject_seconds: float = Field(10.0, ge=0)

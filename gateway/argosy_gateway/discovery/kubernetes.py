@@ -29,6 +29,11 @@ from argosy_gateway.discovery.cluster import POD_LABEL_SELECTOR, ClusterState
 from argosy_gateway.routetable import RouteTable
 from argosy_gateway.settings import GatewaySettings
 
+try:  # kopf's record of what the API server offers; not re-exported by kopf, so guarded
+    from kopf._cogs.structs.references import Insights
+except ImportError:  # pragma: no cover - another kopf layout: fall back to kopf's ready flag
+    Insights = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger(__name__)
 
 GROUP = "argosy.dev"
@@ -143,6 +148,8 @@ class _Watcher:
         settings = kopf.OperatorSettings()
         settings.posting.enabled = False  # the gateway only reads; it posts no Events
         settings.peering.standalone = True
+        # No dynamic namespace/CRD discovery: least-privilege RBAC grants neither listing.
+        settings.scanning.disabled = True
         settings.watching.label_selectors["v1", "pods"] = POD_LABEL_SELECTOR
         settings.watching.server_timeout = 300
         settings.watching.connect_timeout = 10
@@ -152,6 +159,7 @@ class _Watcher:
     async def main(self, stop: threading.Event) -> None:
         ready = asyncio.Event()
         namespaces = list(self.settings.namespaces)
+        insights = Insights() if Insights is not None else None
         operator = asyncio.create_task(
             kopf.operator(
                 registry=self.registry(),
@@ -161,11 +169,16 @@ class _Watcher:
                 namespaces=namespaces,
                 stop_flag=stop,
                 ready_flag=ready,
+                insights=insights,
             )
         )
-        # Not ready until kopf runs *and* has credentials (kopf reports ready even while
-        # its login keeps failing), then until the initial listings have arrived.
-        ready_wait = asyncio.create_task(_both(ready.wait(), self.logged_in.wait()))
+        # kopf reports ready even while its login keeps failing or the API server cannot be
+        # reached. Wait for credentials and for its first successful API discovery too, then
+        # for the initial listings to arrive.
+        conditions = [ready.wait(), self.logged_in.wait()]
+        if insights is not None:
+            conditions.append(insights.ready_resources.wait())
+        ready_wait = asyncio.create_task(_all(conditions))
         await asyncio.wait([operator, ready_wait], return_when=asyncio.FIRST_COMPLETED)
         if not operator.done():
             self.last_event = max(self.last_event, time.monotonic())
@@ -197,8 +210,8 @@ def _quiet_kopf_logs() -> None:
         running.addFilter(_ExpectedKopfWarnings())
 
 
-async def _both(first: Coroutine[Any, Any, Any], second: Coroutine[Any, Any, Any]) -> None:
-    await asyncio.gather(first, second)
+async def _all(conditions: list[Coroutine[Any, Any, Any]]) -> None:
+    await asyncio.gather(*conditions)
 
 
 class KubernetesDiscovery:

@@ -74,7 +74,7 @@ class StaticDiscovery:
         self._poll_seconds = poll_seconds
 
     async def run(self, publish: Publish) -> None:
-        seen: tuple[float, int] | None = None
+        seen: tuple[int, int, int] | None = None
         missing_logged = False
         while True:
             try:
@@ -85,7 +85,7 @@ class StaticDiscovery:
                     missing_logged = True
             else:
                 missing_logged = False
-                signature = (stat.st_mtime, stat.st_size)
+                signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
                 if signature != seen:
                     seen = signature
                     self._load(publish)

@@ -5,11 +5,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from argosy_gateway.settings import GatewaySettings
 
 from .harness import RunningGateway, Simulator
 
 GatewayFactory = Callable[..., Any]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """uvloop, as under the CLI: the gateway must work on the loop it ships with."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="module")

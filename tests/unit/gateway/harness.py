@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -40,7 +41,9 @@ class Simulator:
         for model in self.models:
             args += ["--model", model]
         args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--max-num-seqs", str(max_num_seqs)]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: nobody reads a pipe during the test, and a full one would block the simulator.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in kill()
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._stderr)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -51,8 +54,8 @@ class Simulator:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"simulator did not start: {stderr}")
+                self._stderr.seek(0)
+                raise RuntimeError(f"simulator did not start: {self._stderr.read().decode(errors='replace')}")
             time.sleep(0.05)
 
     @property
@@ -67,6 +70,7 @@ class Simulator:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
+        self._stderr.close()
 
     def metric(self, name: str) -> float:
         """Sum of one metric's samples from the simulator's /metrics."""

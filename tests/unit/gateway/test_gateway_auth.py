@@ -83,6 +83,9 @@ async def test_over_the_rate_is_429_with_retry_after(gateway) -> None:
             await sdk.completions.create(model="model-a", prompt="x", max_tokens=1)
     # 2 per minute refills one token every 30 s.
     assert 1 <= int(caught.value.response.headers["retry-after"]) <= 30
+    metrics = gateway.runtime.metrics.render().decode()
+    assert 'argosy_gateway_api_key_requests_total{key="limited",model="model-a"} 2.0' in metrics
+    assert 'argosy_gateway_api_key_rejections_total{key="limited",reason="rate_limited"} 1.0' in metrics
 
 
 async def test_keys_file_changes_are_picked_up(gateway, tmp_path: Path) -> None:

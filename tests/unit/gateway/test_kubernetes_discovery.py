@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from argosy_gateway.discovery.cluster import POD_LABEL_SELECTOR, ClusterState
 from argosy_gateway.discovery.kubernetes import login_from_kubeconfig
 from argosy_gateway.routetable import ModelRoute
+
+from .harness import free_port
 
 DEFAULT = "least-outstanding"
 
@@ -191,3 +195,22 @@ users:
     assert info.token == "secret-token"
     assert info.private_key_data == b"key"
     assert info.default_namespace == "team-a"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reachable_config", [False, True], ids=["no-kubeconfig-file", "api-server-down"])
+async def test_gateway_is_not_ready_while_the_api_server_cannot_be_read(
+    gateway_factory, tmp_path: Path, reachable_config: bool
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    if reachable_config:  # a valid file whose API server (on loopback) refuses connections
+        kubeconfig.write_text(
+            "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+            f"clusters: [{{name: k, cluster: {{server: 'http://127.0.0.1:{free_port()}'}}}}]\n"
+            "users: [{name: u, user: {token: t}}]\n"
+        )
+    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    await asyncio.sleep(2.5)
+    async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
+        assert response.status == 503
+    assert not gateway.runtime.loaded

@@ -8,6 +8,7 @@ import aiohttp
 import openai
 import pytest
 from argosy_vllm_sim.server import SimServer
+from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import StartSim
 
@@ -64,11 +65,11 @@ async def test_max_tokens_sets_the_reply_length(start_sim: StartSim) -> None:
 async def test_chat_stream_matches_the_plain_reply_and_ends_with_usage(start_sim: StartSim) -> None:
     server = await start_sim(itl_ms=1)
     client = sdk(server)
-    messages = [{"role": "user", "content": "Tell me something"}]
-    plain = await client.chat.completions.create(model="llama-8b", messages=messages, max_tokens=20)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me something"}]
+    plain = await client.chat.completions.create(model="llama-8b", messages=messages, max_tokens=20)
     stream = await client.chat.completions.create(
         model="llama-8b",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=20,
         stream=True,
         stream_options={"include_usage": True},

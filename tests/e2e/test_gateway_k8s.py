@@ -1,0 +1,259 @@
+"""The gateway's Kubernetes discovery against the sandbox: real watches, real sockets.
+
+The gateway runs as its own process (``argosy-gateway``, kopf embedded), the pod runner
+starts a vLLM simulator on every serving pod's IP, and the OpenAI SDK calls the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Inline config.json facts (an 8B, Llama-shaped model), so the operator never looks anything up
+# on the Hugging Face Hub: test traffic stays on 127.0.0.0/8.
+FACTS = {
+    "hiddenSize": 4096,
+    "numHiddenLayers": 32,
+    "numAttentionHeads": 32,
+    "numKeyValueHeads": 8,
+    "intermediateSize": 14336,
+    "vocabSize": 128256,
+    "maxPositionEmbeddings": 131072,
+}
+
+
+def llm_deployment(name: str, replicas: int = 1, policy: str | None = None) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if policy:
+        metadata["annotations"] = {"argosy.dev/routing-policy": policy}
+    return {
+        "apiVersion": "argosy.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": metadata,
+        "spec": {
+            "model": {"uri": f"hf://example/{name}", "servedModelNames": [name], "facts": FACTS},
+            "replicas": replicas,
+            "gpu": {"count": 1},
+            "engine": {"maxModelLen": 4096},
+        },
+    }
+
+
+def serving_pod(name: str, served: list[str], deployment: str) -> dict[str, Any]:
+    """A pod shaped like the operator's serving pods (for the discovery-only test)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "argosy-operator",
+                "argosy.dev/role": "server",
+                "argosy.dev/deployment": deployment,
+            },
+            "annotations": {"argosy.dev/served-model-names": json.dumps(served)},
+        },
+        "spec": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": "example.invalid/vllm",
+                    "ports": [{"name": "http", "containerPort": 8000}],
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                }
+            ],
+        },
+    }
+
+
+class GatewayProcess:
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path) -> None:
+        self.port = free_port()
+        env = dict(os.environ)
+        env.update(
+            {
+                "ARGOSY_GATEWAY_DISCOVERY": "kubernetes",
+                "ARGOSY_GATEWAY_KUBECONFIG": str(kubeconfig),
+                "ARGOSY_GATEWAY_NAMESPACES": json.dumps([namespace]),
+                "ARGOSY_GATEWAY_RETRY_AFTER_SECONDS": "1",
+            }
+        )
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [str(BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.log_path = log_path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+        except OSError:
+            return 0, b""
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        status, body = self.get("/v1/models")
+        if status != 200:
+            return {}
+        return {entry["id"]: entry["argosy"] for entry in json.loads(body)["data"]}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hang is a failure below
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("the gateway did not stop on SIGTERM") from None
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def gateway(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(kubeconfig, namespace, tmp_path / "gateway.log")
+    try:
+        assert wait_for(lambda: process.get("/readyz")[0] == 200, 30), process.log_path.read_text()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def pod_runner(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[PodRunner]:
+    with PodRunner(
+        kubeconfig, SERVING_PODS_SELECTOR, vllm_simulator_command(), namespace=namespace, log_dir=tmp_path / "pods"
+    ) as runner:
+        yield runner
+
+
+def sdk(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=10)
+
+
+def served_by(gateway: GatewayProcess, model: str) -> str | None:
+    """The endpoint that answered a chat request for ``model``, or None if it failed."""
+    try:
+        with sdk(gateway) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+    except openai.APIError:
+        return None
+    assert raw.parse().model == model
+    return raw.headers["x-argosy-endpoint"]
+
+
+def status_for(gateway: GatewayProcess, model: str) -> int:
+    try:
+        with sdk(gateway) as client:
+            client.completions.create(model=model, prompt="x", max_tokens=1)
+    except openai.APIStatusError as error:
+        return error.status_code
+    except openai.APIConnectionError:
+        return 0
+    return 200
+
+
+def test_discovery_follows_serving_pods_and_llmdeployments(
+    sandbox: Sandbox, namespace: str, gateway: GatewayProcess, pod_runner: PodRunner
+) -> None:
+    sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(llm_deployment("solo")))
+    assert wait_for(lambda: gateway.models().get("solo", {}).get("ready") is False, 10)
+    assert status_for(gateway, "solo") == 503
+
+    sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(serving_pod("solo-0", ["solo"], "solo")))
+    assert wait_for(lambda: served_by(gateway, "solo") is not None, 30), gateway.log_path.read_text()
+    pod = json.loads(sandbox.kubectl("get", "pod", "solo-0", "-n", namespace, "-o", "json").stdout)
+    assert served_by(gateway, "solo") == f"{pod['status']['podIP']}:8000"
+
+    sandbox.kubectl("delete", "pod", "solo-0", "-n", namespace, "--wait=false")
+    deleted_at = time.monotonic()
+    assert wait_for(lambda: gateway.models()["solo"]["readyEndpoints"] == 0, 10)
+    followed_in = time.monotonic() - deleted_at
+    print(f"the route table dropped the deleted pod {followed_in:.2f} s after kubectl returned")
+    assert followed_in < 2.0  # within about a second (the margin covers this test's polling)
+    assert status_for(gateway, "solo") == 503
+
+
+def test_operator_and_gateway_serve_two_models_and_follow_scaling(
+    sandbox: Sandbox, kubeconfig: Path, namespace: str, gateway: GatewayProcess, pod_runner: PodRunner, tmp_path: Path
+) -> None:
+    operator_log = (tmp_path / "operator.log").open("wb")
+    operator = subprocess.Popen(
+        [
+            str(BIN / "argosy-operator"),
+            "run",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--namespace",
+            namespace,
+            "--metrics-port",
+            str(free_port()),
+        ],
+        stdout=operator_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for name, policy in (("alpha", None), ("beta", "prefix-affinity")):
+            body = json.dumps(llm_deployment(name, policy=policy))
+            sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=body)
+
+        def both_served() -> bool:
+            return served_by(gateway, "alpha") is not None and served_by(gateway, "beta") is not None
+
+        assert wait_for(both_served, 90, interval=0.5), (tmp_path / "operator.log").read_text()[-3000:]
+        alpha_endpoint, beta_endpoint = served_by(gateway, "alpha"), served_by(gateway, "beta")
+        assert alpha_endpoint != beta_endpoint
+        assert gateway.models()["beta"]["policy"] == "prefix-affinity"
+
+        sandbox.kubectl("scale", "llmdeployment/alpha", "-n", namespace, "--replicas=0")
+        assert wait_for(lambda: status_for(gateway, "alpha") == 503, 30)
+        assert served_by(gateway, "beta") == beta_endpoint  # the other model is untouched
+
+        sandbox.kubectl("scale", "llmdeployment/alpha", "-n", namespace, "--replicas=1")
+        scaled_at = time.monotonic()
+        assert wait_for(lambda: served_by(gateway, "alpha") is not None, 60, interval=0.25)
+        print(f"alpha served again {time.monotonic() - scaled_at:.1f} s after scaling back to 1")
+    finally:
+        operator.terminate()
+        try:
+            operator.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+            operator.wait()
+        operator_log.close()
