@@ -60,8 +60,10 @@ test-e2e: sandbox-build ## end-to-end tests against the sandbox
 test: sandbox-build ## every test: unit and end-to-end (starts or reuses the sandbox)
 	@$(PY) -m pytest -q tests
 
-bench-gateway: venv ## gateway vs direct, side by side (docs/benchmarks.md)
-	@$(PY) tests/bench/bench_gateway.py
+bench-gateway: venv ## gateway vs direct (and nginx), side by side (docs/benchmarks.md); BENCH_ARGS=--quick
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "nginx not installed: its rows are skipped"
+	@$(PY) tests/bench/bench_gateway.py $(BENCH_ARGS)
 
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator
 	@$(PY) tests/bench/bench_operator_scale.py
