@@ -13,12 +13,14 @@ import dataclasses
 import time
 
 from argosy_operator.api import LLMDeploymentSpec, ModelFacts
+from argosy_operator.hubfetch import fetch_facts
 from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
 from argosy_operator.planner import PlacementError, find_shipped
 from argosy_operator.planner.facts import hf_repo_id
-from argosy_operator.planner.hub import fetch_facts
 
 FAILURE_TTL_SECONDS = 300.0
+# Bounded: the oldest lookups are forgotten first (a forgotten model is simply fetched again).
+MAX_CACHED = 512
 
 
 @dataclasses.dataclass
@@ -56,7 +58,15 @@ class HubFacts:
                 f"cannot read Secret {ref.name} for the Hugging Face token: {e.message}",
             ) from e
         value = (secret.get("data") or {}).get(ref.key)
-        return base64.b64decode(value).decode().strip() if value else None
+        if not value:
+            return None
+        try:
+            return base64.b64decode(value).decode().strip()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PlacementError(
+                "ModelFactsUnavailable",
+                f"key {ref.key} of Secret {ref.name} is not a UTF-8 text token",
+            ) from e
 
     async def facts(self, namespace: str, spec: LLMDeploymentSpec) -> ModelFacts | None:
         """Facts read from the hub, None when not needed or disabled; PlacementError on failure."""
@@ -75,7 +85,13 @@ class HubFacts:
             token = await self._token(namespace, spec)
             facts = await asyncio.to_thread(fetch_facts, repo, revision=spec.model.revision, token=token)
         except PlacementError as e:
-            self._cache[key] = _Entry(None, e, now)
+            self._remember(key, _Entry(None, e, now))
             raise
-        self._cache[key] = _Entry(facts, None, now)
+        self._remember(key, _Entry(facts, None, now))
         return facts
+
+    def _remember(self, key: tuple[str, str, str, str], entry: _Entry) -> None:
+        self._cache.pop(key, None)
+        self._cache[key] = entry
+        while len(self._cache) > MAX_CACHED:
+            del self._cache[next(iter(self._cache))]

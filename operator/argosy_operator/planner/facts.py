@@ -26,11 +26,14 @@ class ShippedModel:
 
 def facts_from_hf_config(config: dict[str, Any]) -> ModelFacts:
     """ModelFacts from a Hugging Face config.json (multimodal configs: their text_config)."""
+    if not isinstance(config, dict):
+        raise PlacementError("UnknownModel", "config.json must be a JSON object; give the facts in spec.model.facts.")
     text = config.get("text_config")
     cfg: dict[str, Any] = {**config, **text} if isinstance(text, dict) else dict(config)
     architectures = cfg.get("architectures") or []
     experts = cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts")
-    quant = cfg.get("quantization_config") or {}
+    quant = cfg.get("quantization_config")
+    quant = quant if isinstance(quant, dict) else {}
     method_name = str(quant.get("quant_method", "")).lower()
     method = cast(Quantization, method_name) if method_name in _QUANT_METHODS else None
     bits = quant.get("bits") or quant.get("w_bit")
@@ -63,7 +66,7 @@ def facts_from_hf_config(config: dict[str, Any]) -> ModelFacts:
             weight_bits=bits if bits in (4, 8, 16) else None,
             quantization_group_size=quant.get("group_size") if isinstance(quant.get("group_size"), int) else None,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise PlacementError(
             "UnknownModel",
             f"config.json lacks a field the planner needs ({exc}); give the facts in spec.model.facts.",
@@ -107,7 +110,7 @@ def resolve_facts(source: ModelSource) -> ModelFacts:
     """Facts for a model: inline spec.model.facts first, then the shipped table.
 
     Raises PlacementError when neither knows the model; fetching config.json from the Hub is
-    the caller's (I/O) business, see `argosy_operator.planner.hub`.
+    the caller's (I/O) business, see `argosy_operator.hubfetch`.
     """
     if source.facts is not None:
         return source.facts

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from argosy_operator.api import LLMDeploymentSpec, ModelSource
+from argosy_operator.hubfetch import fetch_facts
 from argosy_operator.planner import (
     GpuPool,
     PlacementError,
@@ -19,7 +20,6 @@ from argosy_operator.planner import (
     resolve_facts,
     shipped_models,
 )
-from argosy_operator.planner.hub import fetch_facts
 
 REQUIRED_MODELS = [
     "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b",
@@ -204,3 +204,18 @@ def test_unreachable_hub_asks_for_inline_facts() -> None:
         fetch_facts("acme/tiny", endpoint="http://127.0.0.1:9", timeout=2)
     assert caught.value.reason == "ModelFactsUnavailable"
     assert "spec.model.facts" in caught.value.message
+
+
+def test_a_config_that_is_not_an_object_is_an_unknown_model_not_a_crash() -> None:
+    with pytest.raises(PlacementError) as raised:
+        facts_from_hf_config([1, 2])  # type: ignore[arg-type]
+    assert raised.value.reason == "UnknownModel"
+    assert "spec.model.facts" in raised.value.message
+
+
+def test_an_odd_quantization_config_is_ignored_and_wrong_types_are_explained() -> None:
+    base = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "intermediate_size": 14336, "vocab_size": 128256}
+    assert facts_from_hf_config({**base, "quantization_config": "fp8"}).quantization is None
+    with pytest.raises(PlacementError, match="lacks a field"):
+        facts_from_hf_config({**base, "hidden_size": None})
