@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -132,7 +133,7 @@ async def test_no_input_makes_the_gateway_answer_500(gateway_factory: GatewayFac
 def test_cli_serves_with_two_workers_from_a_config_file_and_stops_on_sigterm(
     sims: dict[str, Simulator], tmp_path: Path
 ) -> None:
-    write_routes(tmp_path / "routes.yaml", {"model-b": [sims["b"].url]})
+    write_routes(tmp_path / "routes.yaml", {"model-b": [sims["b"].url], "model-idle": []})
     (tmp_path / "gateway.yaml").write_text(f"static_config: {tmp_path / 'routes.yaml'}\nretry_after_seconds: 7\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARGOSY_GATEWAY_")}
@@ -166,6 +167,16 @@ def test_cli_serves_with_two_workers_from_a_config_file_and_stops_on_sigterm(
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as sdk:
             for _ in range(4):
                 assert sdk.completions.create(model="model-b", prompt="x", max_tokens=1).model == "model-b"
+        # A setting from the config file, not only the routes: Retry-After on "no ready replica".
+        idle = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps({"model": "model-idle", "prompt": "x"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(idle, timeout=5)
+        assert refused.value.code == 503
+        assert refused.value.headers["Retry-After"] == "7"
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=20)[0].decode()
