@@ -201,6 +201,22 @@ def test_discovery_follows_serving_pods_and_llmdeployments(
     pod = json.loads(sandbox.kubectl("get", "pod", "solo-0", "-n", namespace, "-o", "json").stdout)
     assert served_by(gateway, "solo") == f"{pod['status']['podIP']}:8000"
 
+    # The pod turns NotReady (as a failing readiness probe would make it), then Ready again.
+    def set_ready(value: str) -> float:
+        patch = json.dumps({"status": {"conditions": [{"type": "Ready", "status": value}]}})
+        sandbox.kubectl("patch", "pod", "solo-0", "-n", namespace, "--subresource=status",
+                        "--type=strategic", "-p", patch)
+        return time.monotonic()
+
+    unready_at = set_ready("False")
+    assert wait_for(lambda: gateway.models()["solo"]["readyEndpoints"] == 0, 10)
+    print(f"the route table dropped the NotReady pod {time.monotonic() - unready_at:.2f} s after kubectl returned")
+    assert time.monotonic() - unready_at < 2.0
+    assert status_for(gateway, "solo") == 503
+    ready_at = set_ready("True")
+    assert wait_for(lambda: served_by(gateway, "solo") is not None, 10)
+    assert time.monotonic() - ready_at < 2.0
+
     sandbox.kubectl("delete", "pod", "solo-0", "-n", namespace, "--wait=false")
     deleted_at = time.monotonic()
     assert wait_for(lambda: gateway.models()["solo"]["readyEndpoints"] == 0, 10)
