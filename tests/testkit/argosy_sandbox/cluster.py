@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -76,13 +77,28 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(exclude: set[int]) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port not in exclude:
+    """A free port below the kernel's ephemeral range.
+
+    Ports the kernel hands out for outgoing connections would be unsafe: after a component
+    stops, any client connection on the machine may take its port as a source port, and the
+    component could not listen there again.
+    """
+    low, _ = _ephemeral_range()
+    candidates = range(20000, low) if low > 21000 else range(10000, 20000)
+    for _ in range(1000):
+        port = random.choice(candidates)
+        if port not in exclude and port_is_free(port):
             return port
+    raise SandboxError("no free port found on 127.0.0.1")
 
 
 class Sandbox:
@@ -444,6 +460,10 @@ class Sandbox:
 
     def _start(self, component: str, ports: Ports, timeout: float) -> None:
         port = self._port_of(component, ports)
+        # A component stopped a moment ago may still be releasing its listener.
+        deadline = time.monotonic() + 5
+        while not port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if not port_is_free(port):
             raise SandboxError(
                 f"{component}: port {port} on 127.0.0.1 is in use by another process; "
