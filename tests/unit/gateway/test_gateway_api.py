@@ -250,7 +250,7 @@ async def test_wrong_method_on_a_proxy_path_is_openai_shaped_405(gateway) -> Non
 
 
 async def test_static_file_reload_adds_a_model_and_a_broken_file_keeps_the_last_good_table(
-    gateway, sims, tmp_path: Path
+    gateway, sims, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     routes = tmp_path / "routes.yaml"
     write_routes(routes, {"model-a": [sims["a1"].url], "model-new": [sims["b"].url]})
@@ -265,7 +265,14 @@ async def test_static_file_reload_adds_a_model_and_a_broken_file_keeps_the_last_
             assert response.headers["x-argosy-endpoint"] == sims["b"].address
     async with client(gateway.url) as sdk:
         routes.write_text("models: [{name: broken, endpoints: not-a-list}]\n")
-        await asyncio.sleep(0.3)
+        # The broken file was read and refused (not merely unnoticed), and the old table stays.
+        for _ in range(100):
+            if "keeping the last good routes" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "keeping the last good routes" in caplog.text
+        assert "endpoints must be a list" in caplog.text
         assert gateway.runtime.table.get("model-a") is not None
+        assert gateway.runtime.table.get("broken") is None
         raw = await sdk.completions.with_raw_response.create(model="model-a", prompt="x", max_tokens=1)
         assert raw.headers["x-argosy-endpoint"] == sims["a1"].address

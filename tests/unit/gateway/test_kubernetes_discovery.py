@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from argosy_gateway.discovery.cluster import POD_LABEL_SELECTOR, ClusterState
-from argosy_gateway.discovery.kubernetes import login_from_kubeconfig
+from argosy_gateway.discovery.kubernetes import SETTLE_MAX_SECONDS, login_from_kubeconfig
 from argosy_gateway.routetable import ModelRoute
 
 from .harness import free_port
@@ -210,7 +210,9 @@ async def test_gateway_is_not_ready_while_the_api_server_cannot_be_read(
             "users: [{name: u, user: {token: t}}]\n"
         )
     gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
-    await asyncio.sleep(2.5)
+    # Past the longest time discovery may wait for its first list to settle: a gateway that was
+    # going to declare itself ready (wrongly) would have done so by now.
+    await asyncio.sleep(SETTLE_MAX_SECONDS + 1)
     async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
         assert response.status == 503
     assert not gateway.runtime.loaded
