@@ -62,10 +62,11 @@ def test_prefix_affinity_spreads_different_prefixes() -> None:
 def test_prefix_affinity_spills_over_one_and_a_quarter_fair_share() -> None:
     policy = PrefixAffinity(load_factor=1.25)
     home = policy.choose("m", E, {}, "shared prefix")
-    # 8 in flight over 4 endpoints: the 9th request's cap is ceil(1.25 * 9 / 4) = 3.
+    # 6 in flight over 4 endpoints: the 7th request's cap is ceil(1.25 * 7 / 4) = 3, and the
+    # prefix's home endpoint already carries 3, so the request spills to the next one.
     at_cap = {home: 3, **{e: 1 for e in E if e != home}}
-    assert sum(at_cap.values()) == 6
     assert policy.choose("m", E, at_cap, "shared prefix") != home
+    # 8 in flight: the 9th request's cap is ceil(1.25 * 9 / 4) = 3; home carries 2, so it stays.
     below_cap = {home: 2, **{e: 2 for e in E if e != home}}
     assert policy.choose("m", E, below_cap, "shared prefix") == home
 
