@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from argosy_sandbox.build import helm_binary as _helm_binary
 from argosy_sandbox.cluster import Sandbox
 
 pytestmark = pytest.mark.e2e
@@ -192,18 +192,6 @@ spec:
 """
 
 
-def _helm_binary() -> Path | None:
-    from argosy_sandbox import build
-
-    if build.HELM.binary("helm").exists():
-        return build.HELM.binary("helm")
-    found = shutil.which("helm")
-    if found:
-        return Path(found)
-    if shutil.which("go"):
-        build.ensure_built((build.HELM,))
-        return build.HELM.binary("helm")
-    return None
 
 
 @pytest.fixture(scope="module")

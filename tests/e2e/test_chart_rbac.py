@@ -4,12 +4,12 @@ for the operator and the gateway, installed cluster-wide and restricted to two n
 from __future__ import annotations
 
 import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from argosy_sandbox.build import helm_binary as _helm_binary
 from argosy_sandbox.cluster import Sandbox
 
 pytestmark = pytest.mark.e2e
@@ -18,18 +18,6 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "argosy"
 LLD = "llmdeployments.argosy.dev"
 
 
-def _helm_binary() -> Path | None:
-    from argosy_sandbox import build
-
-    if build.HELM.binary("helm").exists():
-        return build.HELM.binary("helm")
-    found = shutil.which("helm")
-    if found:
-        return Path(found)
-    if shutil.which("go"):
-        build.ensure_built((build.HELM,))
-        return build.HELM.binary("helm")
-    return None
 
 
 def _install(sandbox: Sandbox, namespace: str, *values: str) -> Iterator[str]:

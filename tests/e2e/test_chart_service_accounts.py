@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from argosy_sandbox.build import helm_binary as _helm_binary
 from argosy_sandbox.cluster import Sandbox
 from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 
@@ -46,18 +46,6 @@ MODEL = {
 
 
 
-def _helm_binary() -> Path | None:
-    from argosy_sandbox import build
-
-    if build.HELM.binary("helm").exists():
-        return build.HELM.binary("helm")
-    found = shutil.which("helm")
-    if found:
-        return Path(found)
-    if shutil.which("go"):
-        build.ensure_built((build.HELM,))
-        return build.HELM.binary("helm")
-    return None
 
 
 def _free_port() -> int:

@@ -72,6 +72,19 @@ HELM = Component("helm", versions.HELM, ("helm",))
 ALL_COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
 
 
+def helm_binary() -> Path | None:
+    """The pinned helm: from the cache, else on PATH, else built now when Go is there; None without either."""
+    if HELM.is_built():
+        return HELM.binary("helm")
+    found = shutil.which("helm")
+    if found:
+        return Path(found)
+    if shutil.which("go"):
+        ensure_built((HELM,))
+        return HELM.binary("helm")
+    return None
+
+
 def kwok_stage_files() -> list[Path]:
     return [KWOK.bin_dir / "stages" / Path(stage).name for stage in KWOK_STAGES]
 

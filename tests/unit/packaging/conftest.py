@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -10,24 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
+from argosy_sandbox.build import helm_binary as _helm_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CHART = REPO_ROOT / "charts" / "argosy"
 
 
-def _helm_binary() -> Path | None:
-    from argosy_sandbox import build
-
-    if build.HELM.binary("helm").exists():
-        return build.HELM.binary("helm")
-    found = shutil.which("helm")
-    if found:
-        return Path(found)
-    if shutil.which("go"):
-        # The same pinned helm the sandbox uses, built once into the shared cache.
-        build.ensure_built((build.HELM,))
-        return build.HELM.binary("helm")
-    return None
 
 
 @pytest.fixture(scope="session")
