@@ -60,9 +60,11 @@ test-e2e: sandbox-build ## end-to-end tests against the sandbox
 test: sandbox-build ## every test: unit and end-to-end (starts or reuses the sandbox)
 	@$(PY) -m pytest -q tests
 
-bench-gateway: venv ## gateway vs direct (and nginx), side by side (docs/benchmarks.md); BENCH_ARGS=--quick
+bench-gateway: venv ## gateway vs direct (and nginx, vllm-router), side by side (docs/benchmarks.md); BENCH_ARGS=--quick
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "nginx not installed: its rows are skipped"
+	@test -x .venv/bin/vllm-router || $(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt vllm-router \
+		|| echo "vllm-router not installed: its rows are skipped"
 	@$(PY) tests/bench/bench_gateway.py $(BENCH_ARGS)
 
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator

@@ -9,6 +9,10 @@ non-streaming chat completions; streaming 256-token chat completions sent in one
 sent as one SSE event per token) and each concurrency, wrk first warms up, then measures for a
 fixed duration, direct and through the gateway one after the other. Gateway CPU time comes from
 /proc/<pid>/stat over the measured window only.
+
+Peers, measured at the same loads in the same run when installed (--no-peers skips them): nginx as
+a plain reverse proxy, and the Rust vllm-router (PyPI `vllm-router`, round_robin policy), one
+router per simulator. Both are pinned to the gateway's CPU.
 """
 
 from __future__ import annotations
@@ -322,6 +326,30 @@ http {{
 """
     )
     return config
+
+
+VLLM_ROUTER_POLICY = "round_robin"
+
+
+def vllm_router_binary() -> str | None:
+    """The vllm-router launcher installed next to this python (the venv), else the one on PATH."""
+    beside = VENV_BIN / "vllm-router"
+    return str(beside) if beside.exists() else shutil.which("vllm-router")
+
+
+def vllm_router_argv(binary: str, port: int, metrics_port: int, worker_url: str) -> list[str]:
+    """One router in front of one simulator, as in PEERS.md.
+
+    Its plain mode balances over its workers without looking at the model name (multi-model
+    routing is its separate IGW mode), so each simulator gets its own router, as each gets its
+    own nginx port.
+    """
+    return [
+        binary,
+        *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker_url),
+        *("--policy", VLLM_ROUTER_POLICY, "--log-level", "warning"),
+        *("--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)),
+    ]
 
 
 # -- load generation ------------------------------------------------------------------------------
@@ -647,7 +675,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workload", choices=[w.name for w in WORKLOADS], nargs="+", default=None)
     parser.add_argument("--no-gateway", action="store_true", help="measure the simulator alone")
     parser.add_argument(
-        "--no-peers", action="store_true", help="skip the peers (nginx, when installed) measured in the same run"
+        "--no-peers",
+        action="store_true",
+        help="skip the peers (nginx, vllm-router, when installed) measured in the same run",
     )
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument(
@@ -776,11 +806,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "note: nginx is not installed; the nginx peer is skipped (Debian: apt-get install nginx-light)"
                     )
 
+                router_pids: dict[str, int] = {}  # model -> the vllm-router in front of its simulator
+                router_urls: dict[str, str] = {}
+                router = None if args.no_peers else vllm_router_binary()
+                if router is not None:
+                    for model, sim_url in sim_urls.items():
+                        port, metrics_port = free_port(), free_port()
+                        router_urls[model] = f"http://127.0.0.1:{port}"
+                        router_log = tmpdir / f"vllm-router-{model}.log"
+                        router_pids[model] = stack.enter_context(
+                            started(
+                                f"vllm-router {model}",
+                                vllm_router_argv(router, port, metrics_port, sim_url),
+                                gateway_cpu,
+                                env,
+                                router_log,
+                            )
+                        )
+                        wait_until_ready(f"{router_urls[model]}/readiness", router_pids[model], router_log)
+                elif not args.no_peers:
+                    print(
+                        "note: vllm-router is not installed; the vllm-router peer is skipped "
+                        "(python3 -m uv pip install --python .venv/bin/python vllm-router)"
+                    )
+                router_name = f"vllm-router ({VLLM_ROUTER_POLICY})"
+
                 for workload in workloads:
                     sim_url = sim_urls[workload.model]
                     check_once(f"{sim_url}/v1/chat/completions", workload)
                     if gateway_pid:
                         check_once(f"{gateway_url}/v1/chat/completions", workload)
+                    if router_pids:
+                        check_once(f"{router_urls[workload.model]}/v1/chat/completions", workload)
                     loads = [Load(c) for c in args.concurrency]
                     if workload.paced_rps and not args.no_paced:
                         loads.append(Load(TARGET_CONCURRENCY, workload.paced_rps))
@@ -818,6 +875,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 duration_ms,
                                 load_cpu,
                                 nginx_pid,
+                                gateway_cpu,
+                                sim_pids,
+                            )
+                        if router_pids:
+                            point.peers[router_name] = measure(
+                                f"{router_urls[workload.model]}/v1/chat/completions",
+                                workload,
+                                load,
+                                warmup_ms,
+                                duration_ms,
+                                load_cpu,
+                                router_pids[workload.model],
                                 gateway_cpu,
                                 sim_pids,
                             )
