@@ -2,7 +2,8 @@
 file, then install, upgrade and uninstall of a real release.
 
 The sandbox is shared: releases get unique names (their ClusterRoles are cluster-scoped),
-installs pass --take-ownership because the LLMDeployment CRD may already belong to another
+installs pass --take-ownership (with --force-conflicts: the ownership annotations may have been
+written by another field manager) because the LLMDeployment CRD may already belong to another
 release or a `kubectl apply`, and no test uninstalls with crds.keep=false (deleting the
 CRD would delete every LLMDeployment in the cluster).
 """
@@ -333,7 +334,8 @@ def test_install_upgrade_uninstall(sandbox, helm, namespace, cluster_prerequisit
     ownership_before = _crd_ownership(sandbox)
     try:
         install = helm(
-            "install", release, str(CHART), "--namespace", namespace, "--take-ownership", "--wait", "--timeout", "120s"
+            "install", release, str(CHART), "--namespace", namespace, "--take-ownership", "--force-conflicts", "--wait",
+            "--timeout", "120s"
         )
         assert "STATUS: deployed" in install.stdout
         assert f"port-forward svc/{release}-gateway" in install.stdout  # NOTES name the real Service

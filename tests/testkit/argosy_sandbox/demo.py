@@ -22,6 +22,7 @@ from typing import Any
 from . import build
 from .cluster import Sandbox, free_port
 from .paths import REPO_ROOT
+from .podrunner import wait_for
 
 NAMESPACE = "argosy-demo"
 RELEASE_NAMESPACE = "argosy-system"
@@ -45,13 +46,9 @@ def done(started: float, detail: str = "") -> None:
 
 
 def wait(predicate: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    hint = f"; see {log}" if log else ""
-    raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}{hint}")
+    if not wait_for(predicate, timeout, interval=0.25):
+        hint = f"; see {log}" if log else ""
+        raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}{hint}")
 
 
 def start_background(sandbox: Sandbox, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
@@ -107,7 +104,8 @@ def main() -> int:
             [helm, "upgrade", "--install", "argosy", str(REPO_ROOT / "charts" / "argosy"),
              "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--kubeconfig", kubeconfig,
              # The CRD may already exist from `kubectl apply -f manifests/crds` or an earlier run.
-             "--take-ownership", "--wait", "--timeout", "120s"],
+             # Taking it over means overriding whoever last wrote its ownership annotations.
+             "--take-ownership", "--force-conflicts", "--wait", "--timeout", "120s"],
             capture_output=True, text=True, check=False,
         )
         if result.returncode != 0:
@@ -122,7 +120,7 @@ def main() -> int:
         done(began)
 
         began = step(3, total, "operator and gateway as local processes against the sandbox")
-        metrics_port = free_port(set())
+        metrics_port = free_port()
         operator_pid = start_background(
             sandbox, "operator",
             [str(BIN / "argosy-operator"), "run", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE,
