@@ -22,7 +22,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from typing import Any
 
 from argosy_operator import crd as crdgen
 from argosy_operator.kubeapi import KubeApi, load_credentials
-from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.cluster import Sandbox, free_port
 
 OPERATOR = Path(sys.executable).with_name("argosy-operator")
 MODELS = (
@@ -44,11 +43,6 @@ MODELS = (
     ("hf://meta-llama/Llama-3.1-70B-Instruct", 8192),
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def body(namespace: str, index: int, replicas: int) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from argosy_sandbox.build import helm_binary as _helm_binary
 from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.cluster import free_port as _free_port
 from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 
 pytestmark = pytest.mark.e2e
@@ -47,11 +47,6 @@ MODEL = {
 
 
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

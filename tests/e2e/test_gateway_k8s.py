@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,13 @@ from typing import Any
 
 import openai
 import pytest
-from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.cluster import Sandbox, free_port
 from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Inline config.json facts (an 8B, Llama-shaped model), so the operator never looks anything up

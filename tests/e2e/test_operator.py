@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.cluster import Sandbox, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -48,11 +47,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
         time.sleep(0.25)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

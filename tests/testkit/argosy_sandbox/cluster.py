@@ -85,7 +85,7 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def free_port(exclude: set[int]) -> int:
+def free_port(exclude: set[int] | frozenset[int] = frozenset()) -> int:
     """A free port below the kernel's ephemeral range.
 
     Ports the kernel hands out for outgoing connections would be unsafe: after a component
@@ -514,17 +514,24 @@ class Sandbox:
         """Make the cluster's simulated nodes exactly the configured pools, and wait for them to be Ready."""
         manifests = node_manifests(self.pools)
         wanted = {node["metadata"]["name"] for node in manifests}
-        existing = self.kubectl("get", "nodes", "-l", POOL_LABEL, "-o", "name").stdout.split()
-        for name in existing:
-            if name.removeprefix("node/") not in wanted:
-                self.kubectl("delete", name, "--wait=false")
+        existing = {
+            node["metadata"]["name"]: node
+            for node in json.loads(self.kubectl("get", "nodes", "-l", POOL_LABEL, "-o", "json").stdout)["items"]
+        }
+        for name in set(existing) - wanted:
+            self.kubectl("delete", "node", name, "--wait=false")
+        # One apply for every node; status (capacity) only where it differs, so a warm `up` is cheap.
+        specs = {"apiVersion": "v1", "kind": "List",
+                 "items": [{key: value for key, value in node.items() if key != "status"} for node in manifests]}
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=argosy-sandbox",
+                     "-f", "-", input=json.dumps(specs))
         for node in manifests:
-            document = json.dumps({key: value for key, value in node.items() if key != "status"})
-            self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=argosy-sandbox",
-                         "-f", "-", input=document)
-            status_patch = json.dumps({"status": node["status"]})
-            self.kubectl("patch", "node", node["metadata"]["name"], "--subresource=status",
-                         "--type=merge", "-p", status_patch)
+            name = node["metadata"]["name"]
+            current = (existing.get(name) or {}).get("status") or {}
+            if all(current.get(key) == value for key, value in node["status"].items()):
+                continue
+            self.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
+                         "-p", json.dumps({"status": node["status"]}))
         deadline = time.monotonic() + timeout
         while True:
             not_ready = self._not_ready_nodes(wanted)

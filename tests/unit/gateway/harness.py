@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,10 @@ import yaml
 from argosy_gateway.app import create_app
 from argosy_gateway.runtime import GatewayRuntime
 from argosy_gateway.settings import GatewaySettings
+from argosy_sandbox.cluster import free_port
 
 SIM_BIN = Path(sys.executable).with_name("argosy-vllm-sim")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Simulator:
