@@ -451,8 +451,34 @@ class Condition(ApiModel):
     )
 
 
+class PlacementBasis(ApiModel):
+    """What a placement was planned for: the spec, and the GPU nodes it was sized against.
+
+    The operator keeps the placement while these still hold (sticky placement), so a restarted
+    operator, a cordoned pool or a new pool never moves a serving model.
+    """
+
+    generation: int = Field(ge=0, description="metadata.generation of the spec the placement was planned for.")
+    spec_hash: str = Field(
+        max_length=64,
+        description="Hash of that spec without `replicas` (scaling never moves a model); another hash means "
+        "the spec changed and the placement is planned again.",
+    )
+    replan_request: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Value of the annotation argosy.dev/replan when it was planned; a different value asks "
+        "for one new plan.",
+    )
+    gpus_per_node: int = Field(ge=1, description="GPUs per node of the pool it was sized against.")
+    gpu_memory_mi_b: int = Field(
+        ge=1, alias="gpuMemoryMiB", description="Memory of one GPU of that pool in MiB (label nvidia.com/gpu.memory)."
+    )
+    planned_time: datetime | None = Field(default=None, description="When the placement was planned.")
+
+
 class PlacementStatus(ApiModel):
-    """The planner's decision (what `argosy-operator plan --output json` prints)."""
+    """The planner's decision (what `argosy-operator plan --output json` prints), and what it was planned for."""
 
     tensor_parallel_size: int = Field(ge=1, description="vLLM --tensor-parallel-size.")
     pipeline_parallel_size: int = Field(ge=1, description="vLLM --pipeline-parallel-size.")
@@ -463,6 +489,13 @@ class PlacementStatus(ApiModel):
     kv_cache_tokens: int = Field(ge=0, description="Estimated vLLM 'GPU KV cache size' of one replica, in tokens.")
     max_concurrency: float = Field(ge=0, description="Estimated maxModelLen-token sequences one replica holds at once.")
     reason: str = Field(default="", max_length=4096, description="Why the planner chose this placement.")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="--max-model-len the KV cache was sized for (engine.maxModelLen or the "
+        "model's context length)."
+    )
+    planned_for: PlacementBasis | None = Field(
+        default=None, description="The spec and GPU pool the placement was planned for; absent in `plan` output."
+    )
 
 
 class LLMDeploymentStatus(ApiModel):

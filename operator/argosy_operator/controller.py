@@ -20,7 +20,7 @@ from argosy_operator.kubeapi import Credentials, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.reconcile import ReconcileContext, reconcile
 from argosy_operator.settings import OperatorSettings
-from argosy_operator.workqueue import Requeue, WorkQueue
+from argosy_operator.workqueue import Done, Outcome, Retry, WorkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,10 @@ class Runtime:
         self.queue.add(key)
 
     def node_changed(self, node: Mapping[str, Any], *, deleted: bool) -> None:
-        """GPU inventory changed (not just a heartbeat): every placement may change."""
+        """GPU inventory changed (not just a heartbeat): every placement's capacity is checked again.
+
+        Placements are sticky (sticky.py): this re-plans nothing; it updates Degraded.
+        """
         name = str(node["metadata"]["name"])
         view = None if deleted else observe.gpu_view(node)
         before = self._node_views.pop(name, None) if deleted else self._node_views.get(name)
@@ -127,8 +130,7 @@ class Runtime:
             return
         keys = list(index)
         self.metrics.managed.set(len(keys))
-        for key in keys:
-            self.queue.add(key)
+        self.queue.resync(keys)
 
     def _schedule_resync(self, first: bool = False) -> None:
         if not first:
@@ -154,18 +156,13 @@ class Runtime:
             idx.get("argosy_pods"),
         )
 
-    async def _process(self, key: observe.ObjectKey) -> None:
+    async def _process(self, key: observe.ObjectKey) -> Outcome:
         started = time.perf_counter()
         result = "error"
         try:
-            result = await reconcile(self.ctx, self.observation(key))
-        except kopf.TemporaryError as e:
-            result = "requeue"
-            logger.info("%s/%s: %s; retrying in %ss", *key, e, e.delay)
-            raise Requeue(float(e.delay or 10.0)) from e
-        except kopf.PermanentError as e:
-            result = "permanent"
-            logger.warning("%s/%s: %s; waiting for a spec change", *key, e)
+            outcome = await reconcile(self.ctx, self.observation(key))
+            result = outcome.result if isinstance(outcome, Done) else "retry" if isinstance(outcome, Retry) else "wait"
+            return outcome
         except Exception as e:
             self.metrics.errors.labels(type(e).__name__).inc()
             raise

@@ -28,7 +28,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> OperatorMetrics
     return OperatorMetrics(
         registry=registry,
         reconciles=Counter(
-            "argosy_operator_reconciles", "Reconcile passes by result (success, requeue, error, gone).",
+            "argosy_operator_reconciles", "Reconcile passes by outcome (success, gone, retry, wait, error).",
             ["result"], registry=registry,
         ),
         errors=Counter(

@@ -1,8 +1,10 @@
 """One reconcile pass: observe -> plan -> build -> diff -> apply -> status.
 
 The same pass runs for a new object, an edited one, a child that changed or vanished,
-a restarted operator and the periodic resync; it never remembers what it did before,
-it only compares what should exist with what does.
+a restarted operator and the periodic resync; it keeps nothing in memory between passes
+that matters (the placement it chose is recorded in the object's status), it compares
+what should exist with what does. It returns an Outcome for the work queue and never
+raises for a condition it understands.
 """
 
 from __future__ import annotations
@@ -13,24 +15,21 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import kopf
 import pydantic
 
-from argosy_operator import apply, builders, diffplan, status
-from argosy_operator.api import LLMDeploymentSpec, ModelFacts, served_names
+from argosy_operator import apply, builders, diffplan, status, sticky
+from argosy_operator.api import LLMDeploymentSpec, ModelFacts, PlacementStatus, served_names
 from argosy_operator.hubfacts import HubFacts
 from argosy_operator.kubeapi import KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.observe import Observation
 from argosy_operator.planner import PlacementError, inventory_from_nodes, plan_for_spec
+from argosy_operator.workqueue import Done, Outcome, Retry, WaitForChange
 
 logger = logging.getLogger(__name__)
 
 CONFLICT_RETRY_SECONDS = 30.0
-
-
-class ChildWriteError(Exception):
-    """Writing a child failed in a way a later attempt may not; retried with backoff."""
+"""A child of this name owned by someone else: check again after this long (or the backoff)."""
 
 
 def utc_now() -> datetime.datetime:
@@ -61,12 +60,19 @@ class Decision:
     """Pure outcome of the plan step for one LLMDeployment."""
 
     spec: LLMDeploymentSpec | None
-    placement: Any = None  # planner.Placement
+    placement: PlacementStatus | None = None
+    """The placement the desired children use: the recorded one, or a new plan. On a failed
+    re-plan, the recorded one (its workload is kept, not rebuilt)."""
     failure: status.PlacementFailure | None = None
     desired: tuple[Mapping[str, Any], ...] = ()
+    keep: frozenset[diffplan.ChildRef] = frozenset()
+    """Existing children to leave exactly as they are (never deleted for want of a placement)."""
+    replanned: str | None = None
+    """Why a plan ran in this pass; None when the recorded placement was kept."""
+    capacity_problem: str | None = None
 
 
-def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, placement: Any) -> (
+def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, placement: PlacementStatus) -> (
         builders.ServerInputs):
     """Adapt the API model and the planner's placement to the builders' input."""
     engine = spec.engine
@@ -79,11 +85,11 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         served_model_names=tuple(served_names(spec, name)),
         replicas=spec.replicas,
         image=engine.image,
-        tensor_parallel_size=int(placement.tensor_parallel_size),
-        pipeline_parallel_size=int(placement.pipeline_parallel_size),
+        tensor_parallel_size=placement.tensor_parallel_size,
+        pipeline_parallel_size=placement.pipeline_parallel_size,
         # The planner resolves the default (the model's context) and sized the KV cache
         # for it; pass it on so vLLM and the status agree.
-        max_model_len=engine.max_model_len or (int(placement.max_model_len) or None),
+        max_model_len=engine.max_model_len or placement.max_model_len,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         gpu_product=placement.gpu_product,
         revision=spec.model.revision,
@@ -116,42 +122,68 @@ def parse_spec(body: Mapping[str, Any]) -> LLMDeploymentSpec | status.PlacementF
         return status.PlacementFailure("InvalidSpec", _validation_message(e))
 
 
+def needs_plan(body: Mapping[str, Any], spec: LLMDeploymentSpec, previous: Mapping[str, Any] | None) -> str | None:
+    """Why this pass must plan (first placement, spec changed, re-plan requested), or None to keep it."""
+    return sticky.replan_cause(sticky.recorded_placement(previous), sticky.spec_hash(spec), sticky.replan_request(body))
+
+
 def decide(
     body: Mapping[str, Any],
     nodes: tuple[Mapping[str, Any], ...],
     facts: ModelFacts | PlacementError | None = None,
+    *,
+    previous: Mapping[str, Any] | None = None,
+    now: str = "1970-01-01T00:00:00Z",
 ) -> Decision:
-    """Parse the spec, size it against the GPU inventory, and render the desired children.
+    """Parse the spec, keep or plan its placement, and render the desired children.
 
-    `facts` is what the hub lookup found for a model the planner does not ship (or why
-    it failed); None lets the planner use the inline facts or its own table.
+    `previous` is the status the last pass wrote: its placement is kept while the spec
+    (without replicas) is the one it was planned for and no re-plan is requested
+    (sticky.py). `facts` is what the hub lookup found for a model the planner does not
+    ship (or why it failed); None lets the planner use the inline facts or its own table.
+    Without a placement the Service is still desired and an existing Deployment is kept.
     """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    generation = int(meta.get("generation") or 0)
+    service = builders.build_service(name, namespace, uid)
+    workload = diffplan.ChildRef("Deployment", name)
     spec = parse_spec(body)
     if isinstance(spec, status.PlacementFailure):
-        return Decision(spec=None, failure=spec)
-    service = builders.build_service(name, namespace, uid)
-    try:
-        if isinstance(facts, PlacementError):
-            raise facts
-        placement = plan_for_spec(spec, inventory_from_nodes([dict(n) for n in nodes]), facts=facts)
-    except PlacementError as e:
-        failure = status.PlacementFailure(str(e.reason or "NoPlacement"), str(e.message))
-        return Decision(spec=spec, failure=failure, desired=(service,))
-    if placement.pods_per_replica > 1:
-        failure = status.PlacementFailure("MultiNodeNotYetSupported", (
-            f"one replica needs {placement.pods_per_replica} nodes of {placement.gpu_product} "
-            f"(tensor {placement.tensor_parallel_size} x pipeline {placement.pipeline_parallel_size}); "
-            "replicas that span nodes are not supported yet. Allow a GPU product with more memory per "
-            "node, quantize the weights, or shorten engine.maxModelLen"
-        ))
-        return Decision(spec=spec, placement=placement, failure=failure, desired=(service,))
+        return Decision(spec=None, failure=spec, keep=frozenset({workload, diffplan.ref_of(service)}))
+    kept = sticky.recorded_placement(previous)
+    digest, request = sticky.spec_hash(spec), sticky.replan_request(body)
+    cause = sticky.replan_cause(kept, digest, request)
+
+    def no_placement(reason: str, message: str) -> Decision:
+        return Decision(spec=spec, placement=kept, failure=status.PlacementFailure(reason, message),
+                        desired=(service,), keep=frozenset({workload}), replanned=cause)
+
+    placement = kept
+    if cause is not None:
+        try:
+            if isinstance(facts, PlacementError):
+                raise facts
+            planned = plan_for_spec(spec, inventory_from_nodes([dict(n) for n in nodes]), facts=facts)
+        except PlacementError as e:
+            return no_placement(str(e.reason or "NoPlacement"), str(e.message))
+        if planned.pods_per_replica > 1:
+            return no_placement("MultiNodeNotYetSupported", (
+                f"one replica needs {planned.pods_per_replica} nodes of {planned.gpu_product} "
+                f"(tensor {planned.tensor_parallel_size} x pipeline {planned.pipeline_parallel_size}); "
+                "replicas that span nodes are not supported yet. Allow a GPU product with more memory per "
+                "node, quantize the weights, or shorten engine.maxModelLen"
+            ))
+        placement = sticky.record(planned.to_status(), max_model_len=planned.max_model_len, generation=generation,
+                                  digest=digest, request=request, nodes=nodes, now=now)
+    assert placement is not None
     try:
         deployment = builders.build_deployment(server_inputs(name, namespace, uid, spec, placement))
     except ValueError as e:  # a URI the admission rules let through but we cannot map
-        return Decision(spec=spec, failure=status.PlacementFailure("InvalidSpec", str(e)), desired=(service,))
-    return Decision(spec=spec, placement=placement, desired=(deployment, service))
+        return no_placement("InvalidSpec", str(e))
+    capacity = sticky.capacity_problem(name, placement, spec.replicas, nodes, spec.scheduling.node_selector)
+    return Decision(spec=spec, placement=placement, desired=(deployment, service), replanned=cause,
+                    capacity_problem=capacity)
 
 
 def _owned_deployment(obs: Observation, name: str, uid: str) -> Mapping[str, Any] | None:
@@ -163,34 +195,38 @@ def _owned_deployment(obs: Observation, name: str, uid: str) -> Mapping[str, Any
     return None
 
 
-async def reconcile(ctx: ReconcileContext, obs: Observation) -> str:
-    """Run one pass for `obs.key`; returns the result label for metrics.
-
-    Raises kopf.TemporaryError to be retried after its delay, ChildWriteError to be
-    retried with backoff, and kopf.PermanentError when only a new spec can help.
-    """
+async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
+    """Run one pass for `obs.key` and say what the work queue should do next."""
     body = obs.llmdeployment
     if body is None or body.get("metadata", {}).get("deletionTimestamp"):
         ctx.written.pop(obs.key, None)
-        return "gone"  # ownerReferences let the garbage collector remove the children
+        return Done("gone")  # ownerReferences let the garbage collector remove the children
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = int(meta.get("generation") or 0)
+    now = rfc3339(ctx.clock())
+
+    previous = body.get("status") or {}
+    version = str(meta.get("resourceVersion", ""))
+    remembered = ctx.written.get(obs.key)
+    if remembered is not None and remembered[:2] == (uid, version):
+        previous = remembered[2]
 
     facts: ModelFacts | PlacementError | None = None
     parsed = parse_spec(body)
-    if ctx.hub is not None and isinstance(parsed, LLMDeploymentSpec):
+    if ctx.hub is not None and isinstance(parsed, LLMDeploymentSpec) and needs_plan(body, parsed, previous):
         try:
             facts = await ctx.hub.facts(namespace, parsed)
         except PlacementError as e:
             facts = e
-    decision = decide(body, obs.nodes, facts)
-    plan = diffplan.plan_children(uid, decision.desired, obs.children)
+    decision = decide(body, obs.nodes, facts, previous=previous, now=now)
+    plan = diffplan.plan_children(uid, decision.desired, obs.children, keep=decision.keep)
     result = await apply.execute_plan(ctx.api, namespace, uid, plan, ctx.metrics)
     if result.written:
         logger.info("reconciled %s/%s: %s", namespace, name, ", ".join(result.written))
+    if decision.replanned and decision.failure is None and decision.placement is not None:
+        logger.info("placed %s/%s (%s): %s", namespace, name, decision.replanned, decision.placement.reason)
 
-    now = rfc3339(ctx.clock())
     deployment_written = any(s.ref.kind == "Deployment" for s in plan.apply) and not result.error
     observed_deployment = _owned_deployment(obs, name, uid)
     rollout = status.rollout_view(observed_deployment) if observed_deployment is not None else None
@@ -198,11 +234,6 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> str:
         # The cache predates our write: the Deployment controller has yet to see it.
         rollout = dataclasses.replace(rollout, generation=rollout.observed_generation + 1)
     spec = decision.spec
-    previous = body.get("status") or {}
-    version = str(meta.get("resourceVersion", ""))
-    remembered = ctx.written.get(obs.key)
-    if remembered is not None and remembered[:2] == (uid, version):
-        previous = remembered[2]
     new_status = status.compute_status(
         status.StatusInputs(
             name=name,
@@ -211,8 +242,10 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> str:
             served_model_names=tuple(served_names(spec, name)) if spec is not None else (name,),
             selector=builders.label_selector(name),
             now=now,
-            placement=decision.placement.to_status() if decision.placement is not None else None,
+            placement=decision.placement.to_api() if decision.placement is not None else None,
             placement_failure=decision.failure,
+            kept_workload=decision.failure is not None and observed_deployment is not None,
+            capacity_problem=decision.capacity_problem,
             deployment=rollout,
             pods=tuple(status.pod_view(p) for p in obs.pods),
             apply_error=result.error,
@@ -225,18 +258,16 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> str:
         still_there = await apply.write_status(ctx.api, namespace, name, patch)
         if not still_there:
             ctx.written.pop(obs.key, None)
-            return "gone"
+            return Done("gone")
         ctx.written[obs.key] = (uid, version, new_status)
         events = status.transition_events(previous.get("conditions"), new_status["conditions"])
         if events:
             await apply.post_events(ctx.api, body, events, now)
 
     if result.error:
-        if result.retryable:
-            raise ChildWriteError(result.error)
-        raise kopf.PermanentError(result.error)
+        return Retry(result.error) if result.retryable else WaitForChange(result.error)
     if result.conflicts:
-        raise kopf.TemporaryError("; ".join(result.conflicts), delay=CONFLICT_RETRY_SECONDS)
+        return Retry("; ".join(result.conflicts), after=CONFLICT_RETRY_SECONDS)
     if decision.spec is None and decision.failure is not None:
-        raise kopf.PermanentError(decision.failure.message)
-    return "success"
+        return WaitForChange(decision.failure.message)
+    return Done()

@@ -1,7 +1,9 @@
 """The LLMDeployment status of one reconcile pass, and the Events its transitions deserve.
 
 Pure: everything the status depends on (placement, the cached Deployment and pods,
-the outcome of the apply step, the clock) comes in as values.
+the outcome of the apply step, the clock) comes in as values. The status is built
+through api.LLMDeploymentStatus, the model the CRD's status schema is generated from,
+so what is written is what the schema promises.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from argosy_operator.api import Condition, LLMDeploymentStatus, PlacementStatus
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -64,7 +68,12 @@ class StatusInputs:
     now: str
     """RFC 3339 timestamp used as lastTransitionTime of conditions that change now."""
     placement: Mapping[str, Any] | None = None
+    """status.placement: the placement the children use (kept or new), with what it was planned for."""
     placement_failure: PlacementFailure | None = None
+    kept_workload: bool = False
+    """A serving Deployment from an earlier placement runs on although no placement is found now."""
+    capacity_problem: str | None = None
+    """Why some pods of the kept placement could not be scheduled again (cordon, NotReady, pool gone)."""
     deployment: RolloutView | None = None
     pods: tuple[PodView, ...] = ()
     apply_error: str | None = None
@@ -128,18 +137,31 @@ def _replica_phrase(ready: int, desired: int) -> str:
     return f"{ready}/{desired} replicas ready"
 
 
+def _failure_message(inputs: StatusInputs) -> str:
+    assert inputs.placement_failure is not None
+    message = inputs.placement_failure.message
+    if inputs.kept_workload:
+        basis = (inputs.placement or {}).get("plannedFor") or {}
+        planned = f" planned for generation {basis['generation']}" if basis.get("generation") is not None else ""
+        message += (f" The serving pods keep running with the earlier placement{planned}; "
+                    "nothing is deleted because of this.")
+    return message
+
+
 def _degraded(inputs: StatusInputs, live: Sequence[PodView]) -> dict[str, Any]:
     if inputs.conflicts:
         return _condition(DEGRADED, True, "ChildConflict", "; ".join(inputs.conflicts))
     if inputs.apply_error:
         return _condition(DEGRADED, True, "ApplyFailed", inputs.apply_error)
     if inputs.placement_failure is not None:
-        return _condition(DEGRADED, True, "PlacementFailed", inputs.placement_failure.message)
+        return _condition(DEGRADED, True, "PlacementFailed", _failure_message(inputs))
     failing = [p for p in live if p.failing]
     if failing:
         p = failing[0]
         more = f" (and {len(failing) - 1} more pods)" if len(failing) > 1 else ""
         return _condition(DEGRADED, True, "ContainerFailing", f"pod {p.name}: {p.failing}{more}")
+    if inputs.capacity_problem:
+        return _condition(DEGRADED, True, "PoolUnavailable", inputs.capacity_problem)
     unschedulable = [p for p in live if p.unschedulable]
     if unschedulable:
         p = unschedulable[0]
@@ -176,7 +198,7 @@ def _progressing(inputs: StatusInputs, live: Sequence[PodView], ready: int) -> d
 
 def _ready(inputs: StatusInputs, ready: int) -> dict[str, Any]:
     desired = inputs.desired_replicas
-    if inputs.placement_failure is not None:
+    if inputs.placement_failure is not None and not inputs.kept_workload:
         return _condition(READY, False, "PlacementFailed", inputs.placement_failure.message)
     if desired == 0:
         return _condition(READY, False, "ScaledToZero", "spec.replicas is 0")
@@ -187,8 +209,7 @@ def _ready(inputs: StatusInputs, ready: int) -> dict[str, Any]:
 
 def _placement_found(inputs: StatusInputs) -> dict[str, Any]:
     if inputs.placement_failure is not None:
-        return _condition(PLACEMENT_FOUND, False, inputs.placement_failure.reason,
-                          inputs.placement_failure.message)
+        return _condition(PLACEMENT_FOUND, False, inputs.placement_failure.reason, _failure_message(inputs))
     reason = str((inputs.placement or {}).get("reason") or "placement computed")
     return _condition(PLACEMENT_FOUND, True, "Placed", reason)
 
@@ -218,17 +239,15 @@ def compute_status(inputs: StatusInputs, previous: Mapping[str, Any] | None) -> 
             "lastTransitionTime": since or inputs.now,
             "observedGeneration": inputs.generation,
         })
-    status: dict[str, Any] = {
-        "observedGeneration": inputs.generation,
-        "replicas": len(live),
-        "readyReplicas": ready,
-        "selector": inputs.selector,
-        "servedModelNames": list(inputs.served_model_names),
-        "conditions": conditions,
-    }
-    if inputs.placement is not None and inputs.placement_failure is None:
-        status["placement"] = dict(inputs.placement)
-    return status
+    return LLMDeploymentStatus(
+        observed_generation=inputs.generation,
+        replicas=len(live),
+        ready_replicas=ready,
+        selector=inputs.selector,
+        served_model_names=list(inputs.served_model_names),
+        conditions=[Condition.model_validate(c) for c in conditions],
+        placement=PlacementStatus.model_validate(inputs.placement) if inputs.placement is not None else None,
+    ).to_api()
 
 
 def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any] | None:

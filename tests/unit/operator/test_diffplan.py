@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
 from argosy_operator import builders
-from argosy_operator.diffplan import ApplyReason, ChildRef, contains, plan_children
+from argosy_operator.diffplan import (
+    APPLIED_HASH_ANNOTATION,
+    ApplyReason,
+    ChildRef,
+    contains,
+    plan_children,
+    stamped,
+)
 from argosy_operator.reconcile import decide
 
 UID = "11111111-2222-3333-4444-555555555555"
@@ -23,8 +31,8 @@ SERVICE = builders.build_service("m", "ns", UID)
 
 
 def live(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    """What the API server returns for `obj`: our fields plus defaults and status."""
-    out = copy.deepcopy(obj)
+    """What the API server returns after we applied `obj`: our fields plus defaults and status."""
+    out = copy.deepcopy(stamped(obj))
     out["metadata"].update(uid="child-uid", resourceVersion="42", generation=1,
                            creationTimestamp="2026-01-01T00:00:00Z")
     if out["kind"] == "Deployment":
@@ -73,6 +81,8 @@ def test_nothing_to_do_when_live_objects_contain_the_desired_fields() -> None:
     pytest.param(["dep-terminating", "svc"], {("Deployment", "m"): ApplyReason.MISSING},
                  id="terminating child counts as missing"),
     pytest.param(["dep-extra-env", "svc"], {}, id="someone else's env var is not drift"),
+    pytest.param(["dep-unstamped", "svc"], {("Deployment", "m"): ApplyReason.CHANGED},
+                 id="applied by an operator that did not record a hash"),
 ])
 def test_what_gets_applied(observed: list[str], expected: dict[tuple[str, str], ApplyReason]) -> None:
     variants = {
@@ -89,20 +99,80 @@ def test_what_gets_applied(observed: list[str], expected: dict[tuple[str, str], 
         "dep-terminating": live(DEPLOYMENT, metadata__deletionTimestamp="2026-01-01T00:00:01Z"),
         "dep-extra-env": live(DEPLOYMENT, spec__template__spec__containers__0__env=[
             {"name": "SIDECAR_HINT", "value": "1"}]),
+        "dep-unstamped": live(DEPLOYMENT, metadata__annotations=DELETE),
     }
     plan = plan_children(UID, [DEPLOYMENT, SERVICE], [variants[o] for o in observed])
     got = {(s.ref.kind, s.ref.name): s.reason for s in plan.apply}
     assert got == expected
     assert not plan.delete
     for step in plan.apply:
-        assert step.body in (DEPLOYMENT, SERVICE)
+        assert step.body in (stamped(DEPLOYMENT), stamped(SERVICE))
 
 
-def test_placement_lost_deletes_the_deployment_so_no_pods_run() -> None:
-    plan = plan_children(UID, [SERVICE], [live(DEPLOYMENT), live(SERVICE)])
-    assert not plan.apply
-    assert [(d.ref, d.api_version, d.uid) for d in plan.delete] == [
-        (ChildRef("Deployment", "m"), "apps/v1", "child-uid")]
+def _pod(deployment: dict[str, Any]) -> dict[str, Any]:
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+FULL = dataclasses.replace(
+    INPUTS,
+    hf_token_secret=builders.SecretKeyRef("hf-token", "token"),
+    env=({"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "KEEP_ME", "value": "1"}),
+    node_selector={"pool": "inference", "zone": "a"},
+    tolerations=({"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"},),
+    priority_class_name="llm-high",
+)
+
+
+@pytest.mark.parametrize(("removed", "still_wanted", "gone"), [
+    pytest.param({"hf_token_secret": None}, lambda p: p["containers"][0]["env"][0]["name"] == "VLLM_LOGGING_LEVEL",
+                 lambda p: all(e["name"] != "HF_TOKEN" for e in p["containers"][0]["env"]), id="hfTokenSecretRef"),
+    pytest.param({"env": ({"name": "KEEP_ME", "value": "1"},)},
+                 lambda p: {"name": "KEEP_ME", "value": "1"} in p["containers"][0]["env"],
+                 lambda p: all(e["name"] != "VLLM_LOGGING_LEVEL" for e in p["containers"][0]["env"]),
+                 id="engine.env entry"),
+    pytest.param({"node_selector": {"pool": "inference"}}, lambda p: p["nodeSelector"]["pool"] == "inference",
+                 lambda p: "zone" not in p["nodeSelector"], id="nodeSelector key"),
+    pytest.param({"tolerations": ()}, lambda p: p["tolerations"][0]["key"] == "nvidia.com/gpu",
+                 lambda p: all(t.get("key") != "dedicated" for t in p["tolerations"]), id="toleration"),
+    pytest.param({"priority_class_name": None}, lambda p: p["containers"],
+                 lambda p: "priorityClassName" not in p, id="priorityClassName"),
+])
+def test_a_removed_field_is_applied_although_the_live_object_still_contains_the_rest(
+        removed: dict[str, Any], still_wanted: Any, gone: Any) -> None:
+    before = builders.build_deployment(FULL)
+    after = builders.build_deployment(dataclasses.replace(FULL, **removed))
+    applied = live(before)
+    plan = plan_children(UID, [after, SERVICE], [applied, live(SERVICE)])
+    ((step),) = plan.apply
+    assert (step.ref, step.reason) == (ChildRef("Deployment", "m"), ApplyReason.CHANGED)
+    # Server-side apply drops what the field manager owned and no longer sends.
+    assert gone(_pod(dict(step.body))) and still_wanted(_pod(dict(step.body)))
+    assert step.body["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] != (
+        applied["metadata"]["annotations"][APPLIED_HASH_ANNOTATION])
+    # Once applied, the next pass has nothing to do.
+    assert plan_children(UID, [after, SERVICE], [live(after), live(SERVICE)]).is_noop
+
+
+def test_cordoning_the_pool_keeps_the_serving_deployment_and_degrades() -> None:
+    spec = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "gpu": {"products": ["NVIDIA-L4"]},
+            "replicas": 2}
+    placed = decide(lld(spec), NODES)
+    assert placed.placement is not None and placed.capacity_problem is None
+    running = [live(dict(o)) for o in placed.desired]
+    cordoned = tuple({**n, "spec": {**n["spec"], "unschedulable": n["metadata"]["name"].startswith("l4")}}
+                     for n in NODES)
+    d = decide(lld(spec), cordoned, previous={"placement": placed.placement.to_api()})
+    assert d.failure is None and d.desired == placed.desired
+    plan = plan_children(UID, d.desired, running, keep=d.keep)
+    assert plan.is_noop  # neither deleted nor rewritten
+    assert d.capacity_problem is not None
+    assert d.capacity_problem.startswith("2 of 2 pods cannot be rescheduled: pool NVIDIA-L4 (22 GiB GPUs) cordoned")
+
+
+def test_without_a_placement_the_deployment_is_kept_not_deleted() -> None:
+    plan = plan_children(UID, [SERVICE], [live(DEPLOYMENT), live(SERVICE)],
+                         keep=frozenset({ChildRef("Deployment", "m")}))
+    assert plan.is_noop
 
 
 def test_stale_child_after_rename_is_deleted_but_foreign_ones_are_not() -> None:
@@ -178,7 +248,7 @@ def test_70b_gets_tensor_parallel_pod_matching_placement() -> None:
     d = decide(lld({"model": {"uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
                     "engine": {"maxModelLen": 8192}}), NODES)
     assert d.failure is None
-    placement = d.placement.to_status()
+    placement = d.placement.to_api()
     assert placement["tensorParallelSize"] >= 2 and placement["podsPerReplica"] == 1
     container = d.desired[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(placement["gpusPerPod"])

@@ -5,11 +5,10 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-import kopf
-import pytest
 from argosy_operator.kubeapi import ApiError
 from argosy_operator.observe import Observation
-from argosy_operator.reconcile import ChildWriteError, ReconcileContext, reconcile
+from argosy_operator.reconcile import ReconcileContext, reconcile
+from argosy_operator.workqueue import Done, Retry, WaitForChange
 
 
 def _node(name: str, product: str, memory_mib: int, gpus: int) -> dict[str, Any]:
@@ -65,7 +64,7 @@ def ctx(api: FakeApi) -> ReconcileContext:
 async def test_new_object_gets_its_children_applied_and_a_status() -> None:
     api = FakeApi()
     result = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
-    assert result == "success"
+    assert result == Done()
     applies = [c for c in api.of("PATCH") if not c[1].endswith("/status")]
     assert sorted(c[1] for c in applies) == ["/api/v1/namespaces/ns/services/m",
                                              "/apis/apps/v1/namespaces/ns/deployments/m"]
@@ -85,7 +84,7 @@ async def test_a_pass_before_the_cache_catches_up_does_not_repeat_status_or_even
     api = FakeApi()
     context = ctx(api)
     impossible = {"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"}, "gpu": {"products": ["NVIDIA-L4"]}}
-    assert await reconcile(context, Observation(("ns", "m"), lld(impossible), NODES)) == "success"
+    assert await reconcile(context, Observation(("ns", "m"), lld(impossible), NODES)) == Done()
     assert len(api.of("PATCH", "/status")) == 1
     warnings = [c[3] for c in api.of("POST", "/events")]
     assert {(e["type"], e["reason"]) for e in warnings} == {
@@ -99,23 +98,29 @@ async def test_a_pass_before_the_cache_catches_up_does_not_repeat_status_or_even
 
 async def test_failed_write_is_retried_and_reported_as_degraded() -> None:
     api = FakeApi(fail_apply=ApiError(403, "Forbidden", "deployments.apps is forbidden"))
-    with pytest.raises(ChildWriteError, match="forbidden"):
-        await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    outcome = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert isinstance(outcome, Retry) and "forbidden" in outcome.reason and outcome.after is None
     ((_, _, _, patch),) = api.of("PATCH", "/status")
     degraded = next(c for c in patch["status"]["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed")
     assert "forbidden" in degraded["message"]
 
 
-async def test_invalid_object_is_permanent_and_writes_no_children() -> None:
+async def test_an_object_the_api_server_refuses_waits_for_a_change() -> None:
+    api = FakeApi(fail_apply=ApiError(422, "Invalid", "spec.template.spec.priorityClassName: Invalid value"))
+    outcome = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert isinstance(outcome, WaitForChange) and "priorityClassName" in outcome.reason
+
+
+async def test_invalid_object_waits_for_a_change_and_writes_no_children() -> None:
     api = FakeApi()
-    with pytest.raises(kopf.PermanentError, match="replicas"):
-        await reconcile(ctx(api), Observation(("ns", "m"), lld({**SMALL, "replicas": -3}), NODES))
+    outcome = await reconcile(ctx(api), Observation(("ns", "m"), lld({**SMALL, "replicas": -3}), NODES))
+    assert isinstance(outcome, WaitForChange) and "replicas" in outcome.reason
     assert [c[1] for c in api.calls if c[0] == "PATCH"] == [
         "/apis/argosy.dev/v1alpha1/namespaces/ns/llmdeployments/m/status"]
 
 
 async def test_deleted_object_is_left_to_the_garbage_collector() -> None:
     api = FakeApi()
-    assert await reconcile(ctx(api), Observation(("ns", "m"), None, NODES)) == "gone"
+    assert await reconcile(ctx(api), Observation(("ns", "m"), None, NODES)) == Done("gone")
     assert api.calls == []

@@ -84,6 +84,15 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     pytest.param({"conflicts": ("Deployment m exists but is controlled by another object",)},
                  {"Ready": ("True", "ReplicasReady"), "Progressing": ("False", "RolloutComplete"),
                   "Degraded": ("True", "ChildConflict"), "PlacementFound": ("True", "Placed")}, id="name clash"),
+    pytest.param({"capacity_problem": "2 of 2 pods cannot be rescheduled: pool NVIDIA-L4 (22 GiB GPUs) cordoned"},
+                 {"Ready": ("True", "ReplicasReady"), "Progressing": ("False", "RolloutComplete"),
+                  "Degraded": ("True", "PoolUnavailable"), "PlacementFound": ("True", "Placed")},
+                 id="pool cordoned: still serving, degraded"),
+    pytest.param({"placement_failure": PlacementFailure("NoMatchingGpus", "No Ready GPU nodes match"),
+                  "kept_workload": True},
+                 {"Ready": ("True", "ReplicasReady"), "Progressing": ("False", "PlacementFailed"),
+                  "Degraded": ("True", "PlacementFailed"), "PlacementFound": ("False", "NoMatchingGpus")},
+                 id="new spec cannot be placed: the old pods serve on"),
     pytest.param({"pods": (PodView("m-a", ready=True), PodView("m-b", ready=True),
                            PodView("m-old", ready=True, terminating=True))},
                  {"Ready": ("True", "ReplicasReady"), "Progressing": ("False", "RolloutComplete"),
@@ -117,6 +126,27 @@ def test_placement_failure_message_reaches_the_conditions() -> None:
     by_type = {c["type"]: c for c in status["conditions"]}
     assert by_type["PlacementFound"]["message"] == "try H100"
     assert by_type["Ready"]["message"] == "try H100"
+
+
+def test_a_kept_workload_says_it_keeps_serving() -> None:
+    placement = {**PLACEMENT, "maxModelLen": 4096, "plannedFor": {
+        "generation": 2, "specHash": "abc", "gpusPerNode": 1, "gpuMemoryMiB": 23034}}
+    status = compute_status(dataclasses.replace(
+        BASE, placement=placement, kept_workload=True,
+        placement_failure=PlacementFailure("NoMatchingGpus", "No Ready GPU nodes match spec.gpu.products.")), None)
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["PlacementFound"]["message"].startswith("No Ready GPU nodes match spec.gpu.products.")
+    assert "keep running with the earlier placement planned for generation 2" in by_type["Degraded"]["message"]
+    assert status["placement"] == placement
+
+
+def test_status_is_built_through_the_crd_status_model() -> None:
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError):
+        compute_status(dataclasses.replace(BASE, placement={**PLACEMENT, "tensorParallelSize": 0}), None)
+    status = compute_status(BASE, None)
+    assert status["conditions"][0]["lastTransitionTime"] == T0  # RFC 3339 in, the same string out
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:
