@@ -72,7 +72,8 @@ class Runtime:
         self._resync_handle: asyncio.TimerHandle | None = None
         self._started = False
         self.ctx = ReconcileContext(api=self.api, metrics=metrics,
-                                    hub=HubFacts(self.api, enabled=settings.hub_lookup))
+                                    hub=HubFacts(self.api, enabled=settings.hub_lookup,
+                                                 endpoint=settings.hub_endpoint))
 
     # -- kopf side ---------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from argosy_operator.api import ModelFacts
 from argosy_operator.planner.errors import PlacementError
@@ -20,24 +21,41 @@ from argosy_operator.planner.facts import facts_from_hf_config
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-def _unavailable(repo: str, why: str) -> PlacementError:
+FACTS_FIELDS = ("hiddenSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads, intermediateSize, vocabSize, "
+                "maxPositionEmbeddings")
+
+
+class HubError(Exception):
+    """config.json could not be read; `status` is the hub's HTTP status (None: no answer)."""
+
+    def __init__(self, status: int | None, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+    @property
+    def gated(self) -> bool:
+        """The hub wants a token with access: a gated or private repository (401 without a token, 403 with one)."""
+        return self.status in (401, 403)
+
+
+def unavailable(repo: str, why: str) -> PlacementError:
     return PlacementError(
         "ModelFactsUnavailable",
         f"Could not read config.json of {repo} from the Hugging Face Hub ({why}); add spec.model.facts "
-        "(hiddenSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads, intermediateSize, vocabSize, "
-        "maxPositionEmbeddings) to the LLMDeployment.",
+        f"({FACTS_FIELDS}) to the LLMDeployment.",
     )
 
 
-def fetch_facts(
+def fetch_config(
     repo: str,
     *,
     revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
     timeout: float = 5.0,
-) -> ModelFacts:
-    """Facts from `<endpoint>/<repo>/resolve/<revision>/config.json` (endpoint: $HF_ENDPOINT or the Hub)."""
+) -> dict[str, Any]:
+    """`<endpoint>/<repo>/resolve/<revision>/config.json` (endpoint: $HF_ENDPOINT or the Hub); HubError on failure."""
     base = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     quoted_revision = urllib.parse.quote(revision or "main", safe="")
     url = f"{base}/{urllib.parse.quote(repo)}/resolve/{quoted_revision}/config.json"
@@ -48,12 +66,28 @@ def fetch_facts(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             config = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        hint = " - check spec.hfTokenSecretRef" if exc.code in (401, 403) else ""
-        raise _unavailable(repo, f"HTTP {exc.code}{hint}") from exc
+        raise HubError(exc.code, f"HTTP {exc.code}") from exc
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        raise _unavailable(repo, f"hub unreachable: {getattr(exc, 'reason', exc)}") from exc
+        raise HubError(None, f"hub unreachable: {getattr(exc, 'reason', exc)}") from exc
     except ValueError as exc:
-        raise _unavailable(repo, "config.json is not JSON") from exc
+        raise HubError(None, "config.json is not JSON") from exc
     if not isinstance(config, dict):
-        raise _unavailable(repo, "config.json is not an object")
+        raise HubError(None, "config.json is not an object")
+    return config
+
+
+def fetch_facts(
+    repo: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    timeout: float = 5.0,
+) -> ModelFacts:
+    """Facts from the repository's config.json (the CLI's lookup); PlacementError on failure."""
+    try:
+        config = fetch_config(repo, revision=revision, token=token, endpoint=endpoint, timeout=timeout)
+    except HubError as exc:
+        hint = " - check spec.hfTokenSecretRef" if exc.gated else ""
+        raise unavailable(repo, exc.why + hint) from exc
     return facts_from_hf_config(config)

@@ -36,6 +36,8 @@ class OperatorSettings:
     """Reconciles running at the same time (different objects; one object is never concurrent)."""
     hub_lookup: bool = True
     """Read config.json from the Hugging Face Hub for hf:// models the planner does not ship."""
+    hub_endpoint: str | None = None
+    """Base URL of the Hugging Face Hub (or a mirror), from $HF_ENDPOINT; None: the public Hub."""
 
     @property
     def clusterwide(self) -> bool:
@@ -78,4 +80,5 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         resync_seconds=float(resync),
         workers=max(1, int(workers)),
         hub_lookup=env.get("ARGOSY_OPERATOR_HUB_LOOKUP", "true").strip().lower() not in ("0", "false", "no"),
+        hub_endpoint=env.get("HF_ENDPOINT") or None,
     )

@@ -124,3 +124,41 @@ async def test_deleted_object_is_left_to_the_garbage_collector() -> None:
     api = FakeApi()
     assert await reconcile(ctx(api), Observation(("ns", "m"), None, NODES)) == Done("gone")
     assert api.calls == []
+
+
+class CountingHub:
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    async def facts(self, namespace: str, spec: Any) -> None:
+        self.lookups += 1
+
+
+def applied_children(api: FakeApi) -> tuple[dict[str, Any], ...]:
+    """The children as the API server holds them after the recorded applies (ours to control)."""
+    return tuple({**c[3], "metadata": {**c[3]["metadata"], "uid": f"uid-{c[3]['kind']}"}}
+                 for c in api.of("PATCH") if c[2] and c[2].get("fieldManager") and not c[1].endswith("/status"))
+
+
+async def test_cordoned_pool_degrades_the_model_and_touches_no_child() -> None:
+    api = FakeApi()
+    hub = CountingHub()
+    context = ReconcileContext(api=api, clock=lambda: NOW, hub=hub)  # type: ignore[arg-type]
+    spec = {**SMALL, "replicas": 1}
+    await reconcile(context, Observation(("ns", "m"), lld(spec), NODES))
+    written = api.of("PATCH", "/status")[0][3]["status"]
+    children = applied_children(api)
+    assert {c["kind"] for c in children} == {"Deployment", "Service"} and hub.lookups == 1
+
+    api.calls.clear()
+    cordoned = tuple({**n, "spec": {"unschedulable": n["metadata"]["name"] == "l4-0"}} for n in NODES)
+    body = {**lld(spec, status=written), "metadata": {**lld(spec)["metadata"], "resourceVersion": "11"}}
+    assert await reconcile(context, Observation(("ns", "m"), body, cordoned, children)) == Done()
+    assert [c[0] for c in api.calls if not c[1].endswith(("/status", "/events"))] == []  # no apply, no delete
+    assert hub.lookups == 1  # a kept placement needs no model facts
+    ((_, _, _, patch),) = api.of("PATCH", "/status")
+    degraded = next(c for c in patch["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "PoolUnavailable")
+    assert degraded["message"].startswith("1 of 1 pod cannot be rescheduled: pool NVIDIA-L4 (22 GiB GPUs) cordoned")
+    assert "placement" not in patch["status"]  # unchanged: still the recorded one
+    assert [(e[3]["type"], e[3]["reason"]) for e in api.of("POST", "/events")] == [("Warning", "PoolUnavailable")]

@@ -27,10 +27,10 @@ def test_flags_win_over_environment() -> None:
 def test_environment_fills_what_flags_leave_out() -> None:
     env = {"ARGOSY_OPERATOR_NAMESPACES": "team-a, team-b", "ARGOSY_OPERATOR_METRICS_PORT": "9000",
            "ARGOSY_OPERATOR_RESYNC_SECONDS": "12.5", "ARGOSY_OPERATOR_WORKERS": "0",
-           "ARGOSY_OPERATOR_HUB_LOOKUP": "false", "KUBECONFIG": "/etc/kube"}
+           "ARGOSY_OPERATOR_HUB_LOOKUP": "false", "KUBECONFIG": "/etc/kube", "HF_ENDPOINT": "http://127.0.0.1:5000"}
     settings = settings_from_args(argparse.Namespace(), env=env)
     assert settings.namespaces == ("team-a", "team-b")
     assert settings.metrics_port == 9000 and settings.resync_seconds == 12.5
     assert settings.workers == 1  # at least one worker
-    assert not settings.hub_lookup
+    assert not settings.hub_lookup and settings.hub_endpoint == "http://127.0.0.1:5000"
     assert settings.kubeconfig == "/etc/kube"
