@@ -141,5 +141,5 @@ async def test_a_failure_is_one_request_then_cached_and_shipped_models_need_none
 
 async def test_unreachable_hub_asks_for_inline_facts() -> None:
     lookup = HubFacts(SecretsApi("ok"), endpoint="http://127.0.0.1:9")  # type: ignore[arg-type]
-    with pytest.raises(PlacementError, match="hub unreachable.*spec.model.facts"):
+    with pytest.raises(PlacementError, match=r"hub unreachable.*spec\.model\.facts"):
         await lookup.facts("team-a", spec("acme/public"))
