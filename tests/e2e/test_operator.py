@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,9 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import pytest
 import yaml
 from argosy_sandbox.cluster import Sandbox, free_port
+from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
+from argosy_sandbox.pools import GpuSpec as PoolGpu
+from argosy_sandbox.pools import NodePool, node_manifests
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -366,3 +371,176 @@ def test_operator_restart_mid_rollout_converges(operator: Operator, cluster: Clu
     wait_for("every pod to run the latest template", lambda: all(
         container_of(p)["args"][-1] == "--enable-chunked-prefill" for p in cluster.pods("rolling")))
     cluster.wait_condition("rolling", "Progressing", "False")
+
+
+# Operator safety: sticky placement, removed fields, re-plans on request.
+
+class GpuPools:
+    """Extra simulated GPU nodes with a product of their own, so a test can cordon them freely.
+
+    The GPU products are unique per test: no other model (nor another test's operator)
+    is placed on them, and the nodes are deleted when the test ends.
+    """
+
+    def __init__(self, sandbox: Sandbox, tag: str) -> None:
+        self.sandbox = sandbox
+        self.tag = tag
+        self.nodes: list[str] = []
+
+    def product(self, pool: str) -> str:
+        return f"E2E-{self.tag}-{pool}".upper()
+
+    def add(self, pool: str, nodes: int, memory_mib: int, gpus: int) -> list[str]:
+        spec = NodePool(f"e2e-{self.tag}-{pool}", nodes, cpu="16", memory="64Gi",
+                        gpu=PoolGpu(self.product(pool), memory_mib, gpus))
+        manifests = node_manifests((spec,))
+        self.sandbox.kubectl("apply", "--server-side", "--field-manager=argosy-e2e", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "List",
+            "items": [{k: v for k, v in n.items() if k != "status"} for n in manifests]}))
+        names = [n["metadata"]["name"] for n in manifests]
+        self.nodes += names
+        for node in manifests:
+            self.sandbox.kubectl("patch", "node", node["metadata"]["name"], "--subresource=status", "--type=merge",
+                                 "-p", json.dumps({"status": node["status"]}))
+        wait_for(f"nodes {names} to be Ready", lambda: all(self.ready(n) for n in names))
+        return names
+
+    def ready(self, node: str) -> bool:
+        out = self.sandbox.kubectl("get", "node", node, "-o", "json", check=False)
+        if out.returncode != 0:
+            return False
+        conditions = json.loads(out.stdout)["status"].get("conditions") or ()
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def cordon(self, names: list[str], on: bool = True) -> None:
+        self.sandbox.kubectl("cordon" if on else "uncordon", *names)
+
+    def delete(self) -> None:
+        if self.nodes:
+            self.sandbox.kubectl("delete", "node", *self.nodes, "--wait=false", check=False)
+
+
+@pytest.fixture
+def gpu_pools(sandbox: Sandbox) -> Iterator[GpuPools]:
+    pools = GpuPools(sandbox, secrets.token_hex(3))
+    try:
+        yield pools
+    finally:
+        pools.delete()
+
+
+@pytest.fixture
+def pod_runner(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[PodRunner]:
+    """The vLLM simulator behind every serving pod: 'keeps serving' means it answers."""
+    with PodRunner(kubeconfig, SERVING_PODS_SELECTOR, vllm_simulator_command(), namespace=namespace,
+                   log_dir=tmp_path / "pods") as runner:
+        yield runner
+
+
+def answers(pod: dict[str, Any], model: str) -> bool:
+    """A completion from the pod's own vLLM server (the simulator), with the OpenAI SDK."""
+    client = openai.OpenAI(base_url=f"http://{pod['status']['podIP']}:8000/v1", api_key="unused",
+                           max_retries=0, timeout=5)
+    try:
+        with client:
+            return bool(client.completions.create(model=model, prompt="hi", max_tokens=2).choices)
+    except openai.APIError:
+        return False
+
+
+def placement_of(cluster: Cluster, name: str) -> dict[str, Any]:
+    return dict(((cluster.get("llmdeployment", name) or {}).get("status") or {}).get("placement") or {})
+
+
+def pod_ids(cluster: Cluster, name: str) -> dict[str, str]:
+    return {p["metadata"]["uid"]: p["spec"].get("nodeName") or "" for p in cluster.pods(name)}
+
+
+def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
+        operator: Operator, cluster: Cluster, gpu_pools: GpuPools, pod_runner: PodRunner) -> None:
+    big, cheap = gpu_pools.product("big"), gpu_pools.product("cheap")
+    big_nodes = gpu_pools.add("big", 2, memory_mib=81559, gpus=8)
+    spec = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "replicas": 2,
+            "gpu": {"products": [big, cheap]}}
+    cluster.apply("sticky", spec)
+    cluster.wait_ready("sticky", 2)
+    wait_for("both pods to answer", lambda: all(answers(p, "sticky") for p in cluster.pods("sticky")))
+    before = cluster.get("deployment", "sticky")
+    assert before is not None and placement_of(cluster, "sticky")["gpuProduct"] == big
+    pods = pod_ids(cluster, "sticky")
+
+    def untouched() -> None:
+        now = cluster.get("deployment", "sticky")
+        assert now is not None and before is not None
+        assert (now["metadata"]["uid"], now["metadata"]["generation"]) == (
+            before["metadata"]["uid"], before["metadata"]["generation"])
+        assert pod_ids(cluster, "sticky") == pods
+        assert placement_of(cluster, "sticky")["gpuProduct"] == big
+
+    # Cordon the whole pool (a node upgrade): the model keeps serving and says it is at risk.
+    gpu_pools.cordon(big_nodes)
+    degraded = cluster.wait_condition("sticky", "Degraded", "True")
+    assert degraded["reason"] == "PoolUnavailable"
+    assert degraded["message"].startswith(f"2 of 2 pods cannot be rescheduled: pool {big}")
+    assert "cordoned" in degraded["message"] and "argosy.dev/replan" in degraded["message"]
+    assert cluster.condition("sticky", "Ready")["status"] == "True"  # type: ignore[index]
+    untouched()
+    assert all(answers(p, "sticky") for p in cluster.pods("sticky"))
+
+    gpu_pools.cordon(big_nodes, on=False)
+    assert cluster.wait_condition("sticky", "Degraded", "False")["reason"] == "Healthy"
+    untouched()
+
+    # A cheaper pool appears: a new model takes it, the running one does not move.
+    cheap_nodes = gpu_pools.add("cheap", 3, memory_mib=23034, gpus=1)  # room for both models
+    cluster.apply("fresh", {**spec, "replicas": 1})
+    cluster.wait_ready("fresh", 1)
+    assert placement_of(cluster, "fresh")["gpuProduct"] == cheap
+    untouched()
+
+    # A spec change re-plans, onto the best pool there is now, and rolls out.
+    cluster.apply("sticky", {**spec, "engine": {"maxModelLen": 4096}})
+    generation = cluster.get("llmdeployment", "sticky")["metadata"]["generation"]  # type: ignore[index]
+    wait_for("a placement for the new spec", lambda: (
+        (p := placement_of(cluster, "sticky")) and p["plannedFor"]["generation"] == generation
+        and p["gpuProduct"] == cheap))
+    cluster.wait_ready("sticky", 2)
+    wait_for("every pod to run the new spec on the cheap pool", lambda: (
+        (ps := cluster.pods("sticky")) and len(ps) == 2
+        and all(flag(container_of(p)["args"], "--max-model-len") == "4096"
+                and p["spec"].get("nodeName") in cheap_nodes for p in ps)))
+
+    # Cordon the cheap pool: Degraded, nothing moves... until a re-plan is asked for.
+    gpu_pools.cordon(cheap_nodes)
+    assert cluster.wait_condition("sticky", "Degraded", "True")["reason"] == "PoolUnavailable"
+    assert placement_of(cluster, "sticky")["gpuProduct"] == cheap
+    cluster.kubectl("annotate", "lld", "sticky", "argosy.dev/replan=after-cordon", "--overwrite")
+    wait_for("the requested re-plan", lambda: (
+        (p := placement_of(cluster, "sticky")) and p["plannedFor"].get("replanRequest") == "after-cordon"
+        and p["gpuProduct"] == big))
+    cluster.wait_ready("sticky", 2)
+    wait_for("the pods to move back to the big pool", lambda: (
+        (ps := cluster.pods("sticky")) and len(ps) == 2 and all(p["spec"].get("nodeName") in big_nodes for p in ps)))
+    assert cluster.wait_condition("sticky", "Degraded", "False")["reason"] == "Healthy"
+    assert all(answers(p, "sticky") for p in cluster.pods("sticky"))
+
+
+def test_removed_fields_disappear_from_the_pod_template(operator: Operator, cluster: Cluster) -> None:
+    cluster.kubectl("create", "secret", "generic", "hf-token", "--from-literal=token=hf_unused")
+    env = [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "KEEP_ME", "value": "1"}]
+    cluster.apply("fields", {**SMALL, "hfTokenSecretRef": {"name": "hf-token"}, "engine": {"env": env}})
+    cluster.wait_ready("fields", 1)
+
+    def env_names(obj: dict[str, Any]) -> list[str]:
+        return [e["name"] for e in container_of(obj).get("env") or ()]
+
+    deploy = cluster.get("deployment", "fields")
+    assert deploy is not None and {"HF_TOKEN", "VLLM_LOGGING_LEVEL", "KEEP_ME"} <= set(env_names(deploy))
+
+    cluster.apply("fields", {**SMALL, "engine": {"env": [{"name": "KEEP_ME", "value": "1"}]}})
+    wait_for("HF_TOKEN and VLLM_LOGGING_LEVEL to leave the pod template", lambda: (
+        (d := cluster.get("deployment", "fields")) and env_names(d) == ["KEEP_ME"]))
+    wait_for("the running pod to be replaced by one without them", lambda: (
+        (ps := cluster.pods("fields")) and len(ps) == 1 and env_names(ps[0]) == ["KEEP_ME"]))
+    lld = cluster.wait_ready("fields", 1)
+    assert lld["status"]["observedGeneration"] == lld["metadata"]["generation"]
