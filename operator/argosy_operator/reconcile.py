@@ -149,9 +149,10 @@ def decide(
     service = builders.build_service(name, namespace, uid)
     workload = diffplan.ChildRef("Deployment", name)
     spec = parse_spec(body)
-    if isinstance(spec, status.PlacementFailure):
-        return Decision(spec=None, failure=spec, keep=frozenset({workload, diffplan.ref_of(service)}))
     kept = sticky.recorded_placement(previous)
+    if isinstance(spec, status.PlacementFailure):
+        return Decision(spec=None, placement=kept, failure=spec,
+                        keep=frozenset({workload, diffplan.ref_of(service)}))
     digest, request = sticky.spec_hash(spec), sticky.replan_request(body)
     cause = sticky.replan_cause(kept, digest, request)
 

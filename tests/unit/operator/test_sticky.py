@@ -173,3 +173,11 @@ def test_spec_change_replans_onto_the_best_pool_now() -> None:
     assert d.placement.planned_for is not None and d.placement.planned_for.generation == 2
     args = d.desired[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--max-model-len") + 1] == "4096"
+
+
+def test_an_invalid_spec_keeps_every_child_and_the_recorded_placement() -> None:
+    _, previous = placed_on_h100()
+    d = decide(lld({**SPEC, "replicas": -1}, generation=2), (h100(0),), previous=previous)
+    assert d.failure is not None and d.failure.reason == "InvalidSpec" and d.desired == ()
+    assert d.keep == {ChildRef("Deployment", "m"), ChildRef("Service", "m")}
+    assert d.placement is not None and d.placement.to_api() == previous["placement"]
