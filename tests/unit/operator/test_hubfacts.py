@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from argosy_operator.api import LLMDeploymentSpec
 from argosy_operator.hubfacts import HubFacts
+from argosy_operator.hubfetch import fetch_facts
 from argosy_operator.kubeapi import ApiError
 from argosy_operator.planner import PlacementError
 
@@ -143,3 +144,26 @@ async def test_unreachable_hub_asks_for_inline_facts() -> None:
     lookup = HubFacts(SecretsApi("ok"), endpoint="http://127.0.0.1:9")  # type: ignore[arg-type]
     with pytest.raises(PlacementError, match=r"hub unreachable.*spec\.model\.facts"):
         await lookup.facts("team-a", spec("acme/public"))
+
+
+# fetch_facts: the one-shot lookup of `argosy-operator plan` (the caller brings the token).
+
+def test_fetch_reads_config_json_with_the_token(hub: str) -> None:
+    facts = fetch_facts("acme/gated", token=GOOD_TOKEN, endpoint=hub)
+    assert facts.hidden_size == 512
+    assert FakeHub.requests[-1] == ("/acme/gated/resolve/main/config.json", f"Bearer {GOOD_TOKEN}")
+
+
+def test_fetch_of_a_gated_model_points_at_the_token(hub: str) -> None:
+    with pytest.raises(PlacementError) as caught:
+        fetch_facts("acme/gated", endpoint=hub)
+    assert caught.value.reason == "ModelFactsUnavailable"
+    assert "401" in caught.value.message and "hfTokenSecretRef" in caught.value.message
+
+
+def test_fetch_from_an_unreachable_hub_asks_for_inline_facts() -> None:
+    # Port 9 on loopback: nothing listens, the connection is refused at once.
+    with pytest.raises(PlacementError) as caught:
+        fetch_facts("acme/tiny", endpoint="http://127.0.0.1:9", timeout=2)
+    assert caught.value.reason == "ModelFactsUnavailable"
+    assert "spec.model.facts" in caught.value.message

@@ -1,15 +1,9 @@
-"""Model facts: the shipped table, config.json parsing, parameter counts, the Hub fetch."""
+"""Model facts: the shipped table, config.json parsing, parameter counts (the Hub fetch: test_hubfacts.py)."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-from collections.abc import Iterator
-
 import pytest
 from argosy_operator.api import LLMDeploymentSpec, ModelSource
-from argosy_operator.hubfetch import fetch_facts
 from argosy_operator.planner import (
     GpuPool,
     PlacementError,
@@ -142,68 +136,6 @@ def test_plan_for_spec_uses_facts_fetched_by_the_caller() -> None:
     )
     placement = plan_for_spec(spec, [GpuPool("NVIDIA-L4", 23034, 1, 1)], facts=fetched)
     assert placement.tensor_parallel_size == 1 and placement.max_concurrency > 4
-
-
-class _ConfigServer(http.server.BaseHTTPRequestHandler):
-    seen_auth: list[str | None] = []
-
-    def do_GET(self) -> None:
-        _ConfigServer.seen_auth.append(self.headers.get("Authorization"))
-        if self.path == "/acme/tiny/resolve/main/config.json":
-            body = json.dumps(
-                {
-                    "hidden_size": 512,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 8,
-                    "intermediate_size": 1024,
-                    "vocab_size": 1000,
-                    "max_position_embeddings": 1024,
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            self.send_response(401 if "gated" in self.path else 404)
-            self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def hub() -> Iterator[str]:
-    server = http.server.HTTPServer(("127.0.0.1", 0), _ConfigServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-def test_fetch_reads_config_json_with_the_token(hub: str) -> None:
-    facts = fetch_facts("acme/tiny", token="hf_secret", endpoint=hub)
-    assert facts.hidden_size == 512
-    assert _ConfigServer.seen_auth[-1] == "Bearer hf_secret"
-
-
-def test_fetch_of_a_gated_model_points_at_the_token(hub: str) -> None:
-    with pytest.raises(PlacementError) as caught:
-        fetch_facts("acme/gated", endpoint=hub)
-    assert caught.value.reason == "ModelFactsUnavailable"
-    assert "401" in caught.value.message and "hfTokenSecretRef" in caught.value.message
-
-
-def test_unreachable_hub_asks_for_inline_facts() -> None:
-    # Port 9 on loopback: nothing listens, the connection is refused at once.
-    with pytest.raises(PlacementError) as caught:
-        fetch_facts("acme/tiny", endpoint="http://127.0.0.1:9", timeout=2)
-    assert caught.value.reason == "ModelFactsUnavailable"
-    assert "spec.model.facts" in caught.value.message
 
 
 def test_a_config_that_is_not_an_object_is_an_unknown_model_not_a_crash() -> None:
