@@ -88,6 +88,11 @@ def test_optional_objects_default_so_nested_defaults_apply() -> None:
     spec = _schema()["properties"]["spec"]["properties"]
     assert spec["engine"]["default"] == {} and spec["planning"]["default"] == {}
     assert "default" not in spec["model"]["properties"]["facts"]
+    # A default must satisfy its own schema, or the API server refuses the whole CRD.
+    for path, node in _walk(_schema()):
+        if isinstance(node.get("default"), dict):
+            missing = set(node.get("required", ())) - set(node["default"])
+            assert not missing, f"{path}: default {node['default']} lacks required {sorted(missing)}"
 
 
 def test_subresources_printer_columns_and_names() -> None:
