@@ -522,7 +522,7 @@ def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
     wait_for("the pods to move back to the big pool", lambda: (
         (ps := cluster.pods("sticky")) and len(ps) == 2 and all(p["spec"].get("nodeName") in big_nodes for p in ps)))
     assert cluster.wait_condition("sticky", "Degraded", "False")["reason"] == "Healthy"
-    assert all(answers(p, "sticky") for p in cluster.pods("sticky"))
+    wait_for("the moved pods to answer", lambda: all(answers(p, "sticky") for p in cluster.pods("sticky")))
 
 
 def test_removed_fields_disappear_from_the_pod_template(operator: Operator, cluster: Cluster) -> None:
