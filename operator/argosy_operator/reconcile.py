@@ -239,7 +239,9 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
         status.StatusInputs(
             name=name,
             generation=generation,
-            desired_replicas=spec.replicas if spec is not None else 0,
+            # Without a spec, a kept Deployment's own replicas are what should be serving.
+            desired_replicas=spec.replicas if spec is not None else int(
+                (observed_deployment or {}).get("spec", {}).get("replicas") or 0),
             served_model_names=tuple(served_names(spec, name)) if spec is not None else (name,),
             selector=builders.label_selector(name),
             now=now,

@@ -177,7 +177,8 @@ def _progressing(inputs: StatusInputs, live: Sequence[PodView], ready: int) -> d
     desired = inputs.desired_replicas
     if inputs.placement_failure is not None:
         return _condition(PROGRESSING, False, "PlacementFailed",
-                          "no workload runs until a placement is found")
+                          "the serving pods keep their earlier placement; nothing rolls out until a placement "
+                          "is found" if inputs.kept_workload else "no workload runs until a placement is found")
     d = inputs.deployment
     if d is None:
         return _condition(PROGRESSING, True, "Creating", "creating the serving Deployment")

@@ -162,3 +162,23 @@ async def test_cordoned_pool_degrades_the_model_and_touches_no_child() -> None:
     assert degraded["message"].startswith("1 of 1 pod cannot be rescheduled: pool NVIDIA-L4 (22 GiB GPUs) cordoned")
     assert "placement" not in patch["status"]  # unchanged: still the recorded one
     assert [(e[3]["type"], e[3]["reason"]) for e in api.of("POST", "/events")] == [("Warning", "PoolUnavailable")]
+
+
+async def test_an_invalid_spec_leaves_the_serving_deployment_and_reports_its_pods() -> None:
+    api = FakeApi()
+    context = ctx(api)
+    await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES))
+    written = api.of("PATCH", "/status")[0][3]["status"]
+    children = applied_children(api)
+    pods = ({"metadata": {"name": "m-a"}, "status": {"phase": "Running",
+                                                      "conditions": [{"type": "Ready", "status": "True"}]}},)
+    api.calls.clear()
+    body = {**lld({**SMALL, "replicas": -1}, status=written),
+            "metadata": {**lld(SMALL)["metadata"], "generation": 2, "resourceVersion": "12"}}
+    outcome = await reconcile(context, Observation(("ns", "m"), body, NODES, children, pods))
+    assert isinstance(outcome, WaitForChange)
+    assert [c for c in api.calls if not c[1].endswith(("/status", "/events"))] == []
+    status = api.of("PATCH", "/status")[0][3]["status"]
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Ready"]["status"], by_type["Ready"]["reason"]) == ("True", "ReplicasReady")
+    assert "keep" in by_type["Progressing"]["message"] and "placement" not in status  # placement unchanged
