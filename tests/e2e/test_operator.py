@@ -69,10 +69,11 @@ def crd(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
 class Operator:
     """One `argosy-operator run` subprocess watching one namespace."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
+        self.extra_env = env or {}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,6 +84,7 @@ class Operator:
             "ARGOSY_OPERATOR_HUB_LOOKUP": "false",
             "HF_ENDPOINT": "http://127.0.0.1:9",
             "ARGOSY_OPERATOR_METRICS_HOST": "127.0.0.1",
+            **self.extra_env,
         }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -257,9 +259,7 @@ def test_impossible_spec_reports_why_and_runs_no_pods(operator: Operator, cluste
     assert cluster.condition("huge", "Ready")["status"] == "False"  # type: ignore[index]
     assert cluster.get("deployment", "huge") is None
     assert cluster.pods("huge") == []
-    events = json.loads(cluster.kubectl("get", "events", "--field-selector",
-                                        "involvedObject.name=huge", "-o", "json").stdout)["items"]
-    assert any(e["type"] == "Warning" and e["reason"] == "InsufficientGpuMemory" for e in events)
+    assert any(e["type"] == "Warning" and e["reason"] == "InsufficientGpuMemory" for e in events_of(cluster, "huge"))
 
 
 FACTS_32_HEADS = {"hiddenSize": 4096, "numHiddenLayers": 32, "numAttentionHeads": 32, "numKeyValueHeads": 8,
@@ -544,3 +544,36 @@ def test_removed_fields_disappear_from_the_pod_template(operator: Operator, clus
         (ps := cluster.pods("fields")) and len(ps) == 1 and env_names(ps[0]) == ["KEEP_ME"]))
     lld = cluster.wait_ready("fields", 1)
     assert lld["status"]["observedGeneration"] == lld["metadata"]["generation"]
+
+
+def events_of(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json").stdout
+    return list(json.loads(out)["items"])
+
+
+def reconciles(op: Operator, result: str) -> float:
+    line = f'argosy_operator_reconciles_total{{result="{result}"}} '
+    return sum(float(x.split()[-1]) for x in op.metrics().splitlines() if x.startswith(line))
+
+
+def test_a_spec_the_api_server_refuses_waits_for_a_change(
+        crd: None, kubeconfig: Path, namespace: str, tmp_path: Path, cluster: Cluster) -> None:
+    op = Operator(kubeconfig, namespace, tmp_path / "operator.log", env={"ARGOSY_OPERATOR_RESYNC_SECONDS": "0.5"})
+    op.start()
+    try:
+        # Admitted by the CRD, refused by the Deployment's validation: not a label value.
+        cluster.apply("refused", {**SMALL, "scheduling": {"nodeSelector": {"zone": "a b"}}})
+        degraded = cluster.wait_condition("refused", "Degraded", "True")
+        assert degraded["reason"] == "ApplyFailed" and "nodeSelector" in degraded["message"]
+        wait_for("the pass to end waiting", lambda: reconciles(op, "wait") >= 1)
+        waits, events = reconciles(op, "wait"), len(events_of(cluster, "refused"))
+        time.sleep(4)  # eight resyncs: none of them may retry the refused write or announce it again
+        assert reconciles(op, "wait") <= waits + 1
+        assert reconciles(op, "retry") == 0
+        assert len(events_of(cluster, "refused")) == events
+
+        cluster.apply("refused", SMALL)  # the fix: an event for the object ends the wait
+        cluster.wait_ready("refused", 1)
+        assert cluster.condition("refused", "Degraded")["status"] == "False"  # type: ignore[index]
+    finally:
+        op.stop()
