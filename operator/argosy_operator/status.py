@@ -251,11 +251,25 @@ def compute_status(inputs: StatusInputs, previous: Mapping[str, Any] | None) -> 
     ).to_api()
 
 
+def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) from `old` to `new`: nested objects merge, so a key
+    that disappears inside one (status.placement.plannedFor.replanRequest) must be sent as null."""
+    changes: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if key in old and before == value:
+            continue
+        if isinstance(before, Mapping) and isinstance(value, Mapping):
+            changes[key] = _merge_diff(before, value)
+        else:
+            changes[key] = value
+    changes.update({key: None for key in old if key not in new})
+    return changes
+
+
 def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any] | None:
     """A JSON merge patch body that turns `previous` into `new`, or None when they are equal."""
-    previous = previous or {}
-    changes: dict[str, Any] = {k: v for k, v in new.items() if previous.get(k) != v}
-    changes.update({k: None for k in previous if k not in new})
+    changes = _merge_diff(previous or {}, new)
     return {"status": changes} if changes else None
 
 

@@ -169,6 +169,17 @@ def test_status_patch_writes_only_changes_and_removes_stale_keys() -> None:
     assert status_patch(None, first) == {"status": first}
 
 
+def test_status_patch_nulls_keys_that_vanish_inside_the_placement() -> None:
+    planned = {**PLACEMENT, "maxModelLen": 4096, "plannedFor": {
+        "generation": 2, "specHash": "abc", "replanRequest": "1", "gpusPerNode": 1, "gpuMemoryMiB": 23034}}
+    before = compute_status(dataclasses.replace(BASE, placement=planned), None)
+    replanned = {**planned, "plannedFor": {**planned["plannedFor"], "generation": 3}}
+    del replanned["plannedFor"]["replanRequest"]
+    after = compute_status(dataclasses.replace(BASE, placement=replanned), before)
+    patch = status_patch(before, after)
+    assert patch == {"status": {"placement": {"plannedFor": {"generation": 3, "replanRequest": None}}}}
+
+
 def test_events_on_transitions() -> None:
     assert [(e.type, e.reason) for e in transition_events(None, compute_status(BASE, None)["conditions"])] == [
         ("Normal", "ReplicasReady")]
