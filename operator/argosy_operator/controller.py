@@ -20,7 +20,7 @@ from argosy_operator.kubeapi import Credentials, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.reconcile import ReconcileContext, reconcile
 from argosy_operator.settings import OperatorSettings
-from argosy_operator.workqueue import Done, Outcome, Retry, WorkQueue
+from argosy_operator.workqueue import Outcome, WorkQueue, outcome_label
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Runtime:
         result = "error"
         try:
             outcome = await reconcile(self.ctx, self.observation(key))
-            result = outcome.result if isinstance(outcome, Done) else "retry" if isinstance(outcome, Retry) else "wait"
+            result = outcome_label(outcome)
             return outcome
         except Exception as e:
             self.metrics.errors.labels(type(e).__name__).inc()

@@ -55,6 +55,13 @@ class WaitForChange:
 Outcome: TypeAlias = Done | Retry | WaitForChange
 
 
+def outcome_label(outcome: Outcome) -> str:
+    """The `result` label of the reconcile metric: success, gone, retry or wait."""
+    if isinstance(outcome, Done):
+        return outcome.result
+    return "retry" if isinstance(outcome, Retry) else "wait"
+
+
 @dataclasses.dataclass(frozen=True)
 class Backoff:
     base: float = 1.0
