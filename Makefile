@@ -20,7 +20,7 @@ venv: .venv/.installed ## create .venv with the locked dependencies
 		-e operator -e gateway -e tests/testkit -r .ci/requirements-dev.in
 	@touch $@
 
-sandbox-build: venv ## build the pinned etcd, Kubernetes, kwok and helm into the cache
+sandbox-build: venv ## build etcd, Kubernetes, kwok, helm; install the vLLM CPU runtime (~6 GB); make the stand-in model
 	@$(PY) -m argosy_sandbox build
 
 sandbox-up: venv ## start the local Kubernetes sandbox (idempotent)

