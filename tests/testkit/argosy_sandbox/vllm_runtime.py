@@ -113,8 +113,12 @@ def runtime_env(kv_cache_gib: float = 1.0) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        # vLLM's own caches (torch.compile artefacts) shared by every checkout, like the runtime.
+        # vLLM's and torch inductor's compile caches, shared by every checkout like the runtime:
+        # a restart reuses the C++ kernels the first start compiled.
         "VLLM_CACHE_ROOT": str(cache_dir() / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir() / "torchinductor-cache"),
+        # Log lines reach the log file (and `kubectl logs`) as they are written.
+        "PYTHONUNBUFFERED": "1",
     }
 
 

@@ -71,8 +71,9 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def training_texts(pairs: list[tuple[str, str]]) -> list[str]:
-    """One chat per pair, formatted as CHAT_TEMPLATE formats it."""
-    return [f"{BOS}<|user|>{question}{EOS}<|assistant|>{answer}{EOS}" for question, answer in pairs]
+    """One chat per pair, formatted as CHAT_TEMPLATE formats it, and each answer as plain text (completions)."""
+    chats = [f"{BOS}<|user|>{question}{EOS}<|assistant|>{answer}{EOS}" for question, answer in pairs]
+    return chats + [f"{BOS}{answer}{EOS}" for _, answer in pairs]
 
 
 def make_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -137,12 +138,13 @@ def main() -> None:
     started = time.monotonic()
     loss = train(model, tokenizer, texts)
     seconds = time.monotonic() - started
+    answer = sample_answer(model, tokenizer, pairs[0][0])
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(args.out, safe_serialization=True)
+    # bfloat16 is what vLLM's CPU build runs with `--dtype auto`; saved so, the weights load without a cast.
+    model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
-    answer = sample_answer(model, tokenizer, pairs[0][0])
     summary = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocabulary": len(tokenizer),
