@@ -22,7 +22,7 @@ SHORT_NAMES = ("lld",)
 CATEGORIES = ("argosy",)
 
 # vLLM's OpenAI-compatible server image, pinned by tag (never `latest`).
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.28.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 MODEL_URI_SCHEMES = ("hf", "pvc", "s3")
 

@@ -23,7 +23,7 @@ OTHER_UID = "99999999-2222-3333-4444-555555555555"
 
 INPUTS = builders.ServerInputs(
     name="m", namespace="ns", owner_uid=UID, model_uri="hf://org/m", served_model_names=("m",),
-    replicas=1, image="vllm/vllm-openai:v0.28.0", tensor_parallel_size=1, pipeline_parallel_size=1,
+    replicas=1, image="vllm/vllm-openai:v0.32.0", tensor_parallel_size=1, pipeline_parallel_size=1,
     max_model_len=4096, gpu_memory_utilization=0.9, gpu_product="NVIDIA-L4",
 )
 DEPLOYMENT = builders.build_deployment(INPUTS)
