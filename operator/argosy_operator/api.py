@@ -44,6 +44,21 @@ Quantization = Literal[
     "experts_int8",
     "compressed-tensors",
 ]
+# The methods `vllm serve --quantization` takes (spec.engine.quantization): vLLM 0.32 no longer
+# lists bitsandbytes among its methods (tests/contract checks this list against vLLM's own).
+EngineQuantization = Literal[
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "fp8",
+    "fbgemm_fp8",
+    "modelopt",
+    "modelopt_fp4",
+    "mxfp4",
+    "experts_int8",
+    "compressed-tensors",
+]
 
 
 def _auto_or_int_schema(what: str) -> dict[str, Any]:
@@ -290,9 +305,10 @@ class EngineSpec(ApiModel):
         description="vLLM OpenAI-server container image, pinned by tag or digest.",
     )
     dtype: DType = Field(default="auto", description="Weight and activation type (`vllm serve --dtype`).")
-    quantization: Quantization | None = Field(
+    quantization: EngineQuantization | None = Field(
         default=None,
-        description="Quantization method (`vllm serve --quantization`). Default: what the checkpoint ships with.",
+        description="Quantization method (`vllm serve --quantization`). Default: what the checkpoint ships with. "
+        "fbgemm_fp8 is deprecated in vLLM; the operator adds `--allow-deprecated-quantization` for it.",
     )
     kv_cache_dtype: KvCacheDType = Field(
         default="auto", description="KV-cache element type (`--kv-cache-dtype`); fp8 halves KV memory."

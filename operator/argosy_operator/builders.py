@@ -23,6 +23,8 @@ CONTAINER_NAME = "vllm"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MODEL_MOUNT_PATH = "/mnt/models"
+# Quantization methods vLLM still serves but refuses without --allow-deprecated-quantization.
+DEPRECATED_QUANTIZATIONS = frozenset({"fbgemm_fp8"})
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -181,6 +183,10 @@ def vllm_args(inputs: ServerInputs, source: ModelSource) -> list[str]:
         args += ["--dtype", inputs.dtype]
     if inputs.quantization:
         args += ["--quantization", inputs.quantization]
+        if inputs.quantization in DEPRECATED_QUANTIZATIONS and not _has_flag(
+            inputs.extra_args, "--allow-deprecated-quantization"
+        ):
+            args.append("--allow-deprecated-quantization")
     if inputs.kv_cache_dtype and inputs.kv_cache_dtype != "auto":
         args += ["--kv-cache-dtype", inputs.kv_cache_dtype]
     if inputs.max_num_batched_tokens is not None:

@@ -12,6 +12,7 @@ the runtime's python. `runtime_env()` is the environment the CPU build needs her
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -182,3 +183,27 @@ def _run_logged(argv: list[str], env: dict[str, str], log_file, report: Reporter
         raise RuntimeInstallError(
             f"installing the vLLM CPU runtime failed ({argv[0]} exited {result.returncode}); log: {log_file.name}"
         )
+
+
+PARSE_SERVE_ARGS = RUNTIME_FILES / "parse_serve_args.py"
+
+
+def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[dict[str, object]]:
+    """Parse each argv (what follows `vllm`, e.g. ["serve", model, ...]) with vLLM's own parser.
+
+    One subprocess for the whole batch. Each result is {"ok": True, "parsed": {...}} or
+    {"ok": False, "error": "..."} (vLLM's own message), in the order of `argvs`.
+    """
+    ensure_runtime(report)
+    result = subprocess.run(
+        [str(runtime_python()), "-P", str(PARSE_SERVE_ARGS)],
+        input=json.dumps(argvs),
+        env={**os.environ, **runtime_env()},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeInstallError(f"vLLM's argument parser could not run (exit {result.returncode}):\n{result.stderr}")
+    results: list[dict[str, object]] = json.loads(result.stdout)
+    return results

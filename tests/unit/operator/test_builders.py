@@ -171,6 +171,19 @@ def test_optional_engine_flags_only_when_set() -> None:
     assert args[-2:] == ["--port", "8000"]
 
 
+@pytest.mark.parametrize(("quantization", "extra", "allowed"), [
+    ("fbgemm_fp8", (), True),  # deprecated: vLLM refuses to start without the flag
+    ("fbgemm_fp8", ("--allow-deprecated-quantization",), True),  # the user's own flag, not a second one
+    ("fp8", (), False),
+])
+def test_deprecated_quantization_is_allowed_explicitly(
+    quantization: str, extra: tuple[str, ...], allowed: bool
+) -> None:
+    args = _container(builders.build_deployment(dataclasses.replace(
+        BASE, quantization=quantization, extra_args=extra)))["args"]
+    assert args.count("--allow-deprecated-quantization") == (1 if allowed else 0)
+
+
 def test_served_model_names_in_flag_and_pod_annotation() -> None:
     d = builders.build_deployment(dataclasses.replace(BASE, served_model_names=("a", "b/c")))
     args = _container(d)["args"]
