@@ -1,4 +1,4 @@
-"""Shared fixtures: the Kubernetes sandbox for end-to-end tests.
+"""Shared fixtures: the Kubernetes sandbox for end-to-end tests, one real vLLM server.
 
 The sandbox is brought up once per session, or reused when it already runs (a
 warm start takes seconds), and left running afterwards so the next run is fast;
@@ -8,6 +8,7 @@ fresh namespace, deleted when it ends.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.real_vllm import RealVllm, VllmServer, attach
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,19 @@ def namespace(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]
         time.sleep(0.1)
     yield name
     sandbox.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def real_vllm() -> Iterator[RealVllm]:
+    """One real vLLM (its CPU build serving the stand-in model) for the whole session, on 127.0.0.N.
+
+    `.base_url`, `.openai_base_url`, `.model` (the served name), `.max_model_len`. Startup takes
+    a minute or more, so tests share this one. ARGOSY_REAL_VLLM_URL=http://host:port uses a server
+    that is already running instead (while working on these tests).
+    """
+    running = os.environ.get("ARGOSY_REAL_VLLM_URL")
+    if running:
+        yield attach(running)
+        return
+    with VllmServer(report=lambda message: None) as server:
+        yield server.info

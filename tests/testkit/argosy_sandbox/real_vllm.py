@@ -84,6 +84,16 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def attach(base_url: str) -> RealVllm:
+    """A server someone else started (`ARGOSY_REAL_VLLM_URL`): name and length read from its /v1/models."""
+    import json
+
+    base_url = base_url.rstrip("/")
+    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as response:
+        (card, *_) = json.load(response)["data"]
+    return RealVllm(base_url, str(card["id"]), int(card["max_model_len"]), pid=0, log_path=Path("/dev/null"))
+
+
 class VllmServer:
     """`vllm serve <stand-in model> --served-model-name NAME --max-model-len N` until stopped."""
 

@@ -29,6 +29,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--kv-cache-tokens", type=int, default=262_144, help="KV cache capacity in tokens")
+    parser.add_argument(
+        "--enable-prompt-tokens-details", action="store_true", help="usage.prompt_tokens_details.cached_tokens"
+    )
     args = parser.parse_args(argv)
     try:
         return SimConfig(
@@ -43,6 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             kv_cache_tokens=args.kv_cache_tokens,
+            prompt_tokens_details=args.enable_prompt_tokens_details,
         )
     except ValueError as err:
         parser.error(str(err))

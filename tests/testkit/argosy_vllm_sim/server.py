@@ -31,6 +31,7 @@ from argosy_vllm_sim.protocol import (
     RequestKind,
     error_body,
     parse_request,
+    system_fingerprint,
 )
 
 ADDRESS_HEADER = "x-sim-address"
@@ -53,6 +54,8 @@ class SimConfig:
     block_size: int = 16  # tokens per KV block (the prefix cache's unit)
     kv_cache_tokens: int = 262_144  # KV cache capacity; bounds running tokens and the prefix cache
     embedding_dim: int = DEFAULT_EMBEDDING_DIM
+    # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (else null).
+    prompt_tokens_details: bool = False
     model_created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -90,6 +93,7 @@ class _Simulator:
             None if config.host in _WILDCARD_HOSTS or config.port == 0 else _format_address(config.host, config.port)
         )
         self._renderers: dict[str, Renderer] = {}
+        self._fingerprint = system_fingerprint(config.models)
         self._headers: dict[str, dict[str, str]] = {}
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(8).hex()
@@ -108,7 +112,9 @@ class _Simulator:
     def _renderer(self, address: str) -> Renderer:
         renderer = self._renderers.get(address)
         if renderer is None:
-            renderer = self._renderers[address] = Renderer(address)
+            renderer = self._renderers[address] = Renderer(
+                address, self._fingerprint, self.config.prompt_tokens_details
+            )
         return renderer
 
     def _response_headers(self, address: str, content_type: str) -> dict[str, str]:
@@ -131,7 +137,12 @@ class _Simulator:
 
     def _check_model(self, model: str) -> None:
         if model not in self.models:
-            raise RequestError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            raise RequestError(
+                404,
+                f"The model `{model}` does not exist. Valid aliases: {', '.join(self.config.models)}.",
+                "NotFoundError",
+                "model",
+            )
 
     # -- endpoints --------------------------------------------------------------------------------
 
@@ -221,7 +232,7 @@ class _Simulator:
         template = renderer.stream_template(parsed)
         stamp = Renderer.stream_stamp(parsed.kind, request_id, created)
         ending = (
-            Renderer.usage_event(template, stamp, parsed.prompt_tokens, cached) + DONE_EVENT
+            renderer.usage_event(template, stamp, parsed.prompt_tokens, cached) + DONE_EVENT
             if parsed.include_usage
             else DONE_EVENT
         )

@@ -116,7 +116,7 @@ async def test_unknown_model_is_sdk_not_found_with_vllm_error_body(start_sim: St
 
     assert caught.value.status_code == 404
     assert caught.value.body == {
-        "message": "The model `gpt-9` does not exist.",
+        "message": "The model `gpt-9` does not exist. Valid aliases: llama-8b.",
         "type": "NotFoundError",
         "param": "model",
         "code": 404,
@@ -195,3 +195,34 @@ async def test_health_is_200_and_empty(start_sim: StartSim) -> None:
     async with aiohttp.ClientSession() as session, session.get(f"{server.url}/health") as resp:
         assert resp.status == 200
         assert await resp.read() == b""
+
+
+async def test_logprobs_give_one_entry_per_token_with_the_alternatives_asked_for(start_sim: StartSim) -> None:
+    server = await start_sim()
+    client = sdk(server)
+    chat = await client.chat.completions.create(
+        model="llama-8b", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    completion = await client.completions.create(model="llama-8b", prompt="Hi", max_tokens=4, logprobs=2)
+
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content is not None
+    entries = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in entries) == chat.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token for entry in entries)
+    assert all(entry.bytes == list(entry.token.encode()) and entry.logprob < 0 for entry in entries)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(4)]
+    assert [len(top) for top in logprobs.top_logprobs] == [2, 2, 2, 2]
+    plain = await client.completions.create(model="llama-8b", prompt="Hi", max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+async def test_an_answer_that_would_overrun_the_context_is_cut_short(start_sim: StartSim) -> None:
+    server = await start_sim(max_model_len=64, kv_cache_tokens=64)
+    reply = await sdk(server).completions.create(model="llama-8b", prompt="x" * 200, max_tokens=60)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == 50
+    assert reply.usage.completion_tokens == 14  # what is left of the 64-token context
+    assert reply.choices[0].finish_reason == "length"

@@ -47,7 +47,7 @@ async def test_requests_beyond_max_num_seqs_wait_and_then_all_finish(start_sim: 
 
 
 async def test_repeated_prefix_hits_the_prefix_cache(start_sim: StartSim) -> None:
-    server = await start_sim()
+    server = await start_sim(prompt_tokens_details=True)
     client = sdk(server)
 
     async def ask(question: str) -> openai.types.chat.ChatCompletion:
