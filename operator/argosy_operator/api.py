@@ -29,23 +29,8 @@ MODEL_URI_SCHEMES = ("hf", "pvc", "s3")
 DType = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
 KvCacheDType = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]
 CheckpointDType = Literal["bfloat16", "float16", "float32"]
-# Quantization methods the planner can size (each is also a valid `vllm serve --quantization`).
-Quantization = Literal[
-    "awq",
-    "awq_marlin",
-    "gptq",
-    "gptq_marlin",
-    "bitsandbytes",
-    "fp8",
-    "fbgemm_fp8",
-    "modelopt",
-    "modelopt_fp4",
-    "mxfp4",
-    "experts_int8",
-    "compressed-tensors",
-]
-# The methods `vllm serve --quantization` takes (spec.engine.quantization): vLLM 0.32 no longer
-# lists bitsandbytes among its methods (tests/contract checks this list against vLLM's own).
+# The methods `vllm serve --quantization` takes (spec.engine.quantization); tests/contract checks
+# this list against vLLM's own.
 EngineQuantization = Literal[
     "awq",
     "awq_marlin",
@@ -59,6 +44,9 @@ EngineQuantization = Literal[
     "experts_int8",
     "compressed-tensors",
 ]
+# Quantization methods the planner can size (a checkpoint's quant_method in model facts): also
+# bitsandbytes, which vLLM 0.32 no longer lists among its methods.
+Quantization = Literal[EngineQuantization, "bitsandbytes"]
 
 
 def _auto_or_int_schema(what: str) -> dict[str, Any]:

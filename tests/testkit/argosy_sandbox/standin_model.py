@@ -15,12 +15,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from .build import file_lock
+from .build import Reporter, _print, file_lock
 from .paths import cache_dir
 from .vllm_runtime import LOCK_FILE, RUNTIME_FILES, ensure_runtime, runtime_python
 
@@ -30,15 +28,8 @@ COMPLETE_MARKER = ".complete"
 # What a newcomer reads in the demo and docs about the model that answers.
 DESCRIPTION = "a tiny stand-in Llama (2 layers, hidden 256) the sandbox trained on a fixed text"
 
-Reporter = Callable[[str], None]
-
-
 class ModelBuildError(RuntimeError):
     """The stand-in model could not be made; the message names the log."""
-
-
-def _print(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def recipe_version() -> str:

@@ -19,11 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from . import versions
-from .build import file_lock
+from .build import Reporter, _print, file_lock
 from .paths import PACKAGE_DIR, cache_dir
 
 RUNTIME_FILES = PACKAGE_DIR / "runtime"
@@ -33,15 +32,8 @@ INSTALLED_MARKER = ".installed"
 # Measured with `du -sh` on the installed runtime (docs/sandbox.md).
 INSTALL_SIZE = "about 6 GB"
 
-Reporter = Callable[[str], None]
-
-
 class RuntimeInstallError(RuntimeError):
     """The serving runtime could not be installed; the message names the log."""
-
-
-def _print(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def lock_digest() -> str:
