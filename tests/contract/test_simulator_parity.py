@@ -97,12 +97,18 @@ def stream_shapes(raw: bytes) -> list[Any]:
     return shapes
 
 
+# Greedy, and no early end of sequence: real vLLM then answers with exactly max_tokens tokens,
+# as the simulator does, so both streams have the same chunks. (ignore_eos is vLLM's own
+# extension; the simulator ignores fields it does not use, as vLLM does.)
+DETERMINISTIC = {"temperature": 0, "ignore_eos": True}
+
+
 def chat(model: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "Count to five."}], **extra}
+    return {"model": model, "messages": [{"role": "user", "content": "Count to five."}], **DETERMINISTIC, **extra}
 
 
 def completion(model: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "prompt": "The ship", **extra}
+    return {"model": model, "prompt": "The ship", **DETERMINISTIC, **extra}
 
 
 async def both(backends: tuple[Backend, Backend], path: str, body: Any) -> dict[str, tuple[int, bytes, str]]:

@@ -31,6 +31,9 @@ from .vllm_runtime import ensure_runtime, runtime_env, vllm_command
 
 SERVED_MODEL_NAME = "standin"
 MAX_MODEL_LEN = 1024
+# Without torch.compile (vLLM's CPU build otherwise compiles C++ kernels at every start, a minute
+# or more here); the HTTP server, engine and scheduler are the same.
+DEFAULT_EXTRA_ARGS = ("--enforce-eager",)
 # Startup is 60-80 s on an idle 2-core machine; a machine shared with other builds is slower.
 STARTUP_TIMEOUT_S = 600.0
 
@@ -95,13 +98,13 @@ def attach(base_url: str) -> RealVllm:
 
 
 class VllmServer:
-    """`vllm serve <stand-in model> --served-model-name NAME --max-model-len N` until stopped."""
+    """`vllm serve <stand-in model> --served-model-name NAME --max-model-len N --enforce-eager` until stopped."""
 
     def __init__(
         self,
         served_model_name: str = SERVED_MODEL_NAME,
         max_model_len: int = MAX_MODEL_LEN,
-        extra_args: Sequence[str] = (),
+        extra_args: Sequence[str] = DEFAULT_EXTRA_ARGS,
         kv_cache_gib: int = 1,
         log_dir: Path | None = None,
         report: Reporter | None = None,
