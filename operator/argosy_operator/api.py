@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "argosy.dev"
@@ -29,6 +29,10 @@ MODEL_URI_SCHEMES = ("hf", "pvc", "s3")
 DType = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
 KvCacheDType = Literal["auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"]
 CheckpointDType = Literal["bfloat16", "float16", "float32"]
+# vLLM 0.32's `--tokenizer-mode` choices (vllm/config/model.py TokenizerMode).
+TokenizerMode = Literal["auto", "hf", "mistral", "deepseek_v32", "deepseek_v4", "inkling", "kimi_k3", "cohere"]
+# The longest inline chat template: a ConfigMap holds at most 1 MiB, and the object carrying it too.
+MAX_INLINE_CHAT_TEMPLATE = 262_144
 # The methods `vllm serve --quantization` takes (spec.engine.quantization); tests/contract checks
 # this list against vLLM's own.
 EngineQuantization = Literal[
@@ -233,6 +237,30 @@ class ModelSource(ApiModel):
         description="config.json facts for sizing. Needed for models the operator does not know when the "
         "Hugging Face Hub cannot be reached, and for pvc:// and s3:// models.",
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let vLLM run the Python code shipped in the model repository (`--trust-remote-code`), "
+        "for architectures vLLM does not implement itself. That code runs inside the serving pods with their "
+        "permissions: enable it only for repositories you trust.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Tokenizer to load instead of the model's own (`--tokenizer`): a Hugging Face repo id or a "
+        "path inside the serving container.",
+    )
+    tokenizer_mode: TokenizerMode | None = Field(
+        default=None,
+        description="vLLM's tokenizer implementation (`--tokenizer-mode`). `hf` is the plain Hugging Face "
+        "tokenizer, the slow one included. Default: vLLM's `auto`.",
+    )
+    tokenizer_revision: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Revision of the tokenizer to load (`--tokenizer-revision`). Default: the model's revision.",
+    )
 
 
 class GpuSpec(ApiModel):
@@ -283,6 +311,69 @@ class EnvVar(ApiModel):
     value_from: EnvVarSource | None = Field(default=None, description="Where to read the value from.")
 
 
+class ConfigMapKeyRef(ApiModel):
+    """A key in a ConfigMap in the LLMDeployment's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="ConfigMap name.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the ConfigMap.")
+
+
+class ChatTemplate(ApiModel):
+    """A Jinja chat template for vLLM's OpenAI server (`--chat-template`), inline or from a ConfigMap."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.inline) != has(self.configMapKeyRef)",
+                    "message": "chatTemplate needs exactly one of inline or configMapKeyRef",
+                }
+            ]
+        }
+    )
+
+    inline: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_INLINE_CHAT_TEMPLATE,
+        description="The template text. The operator stores it in a ConfigMap it owns.",
+    )
+    config_map_key_ref: ConfigMapKeyRef | None = Field(
+        default=None,
+        description="A ConfigMap key holding the template. Editing it rolls the serving pods.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ChatTemplate:
+        if (self.inline is None) == (self.config_map_key_ref is None):
+            raise ValueError("chatTemplate needs exactly one of inline or configMapKeyRef")
+        return self
+
+
+class GenerationDefaults(ApiModel):
+    """Sampling defaults for requests that do not set them (`--override-generation-config`).
+
+    These are the keys vLLM 0.32 takes from a generation config; a request's own value always wins.
+    Stop strings are not among them: vLLM has no server-side default for `stop`.
+    """
+
+    temperature: float | None = Field(default=None, ge=0, le=100, description="Sampling temperature.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="Top-k cut-off (-1: off).")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Minimum token probability, relative.")
+    max_tokens: int | None = Field(default=None, ge=1, le=268_435_456, description="Output token limit.")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100, description="Repetition penalty.")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
+
+    def vllm_override(self) -> dict[str, float | int]:
+        """The `--override-generation-config` object: vLLM's names (max_tokens is `max_new_tokens`)."""
+        values = self.model_dump(exclude_none=True)
+        if "max_tokens" in values:
+            values["max_new_tokens"] = values.pop("max_tokens")
+        return values
+
+
 class EngineSpec(ApiModel):
     """vLLM engine settings."""
 
@@ -331,6 +422,12 @@ class EngineSpec(ApiModel):
     )
     env: list[EnvVar] = Field(
         default_factory=list, max_length=128, description="Extra environment variables for the vLLM container."
+    )
+    chat_template: ChatTemplate | None = Field(
+        default=None, description="Chat template to use instead of the tokenizer's (`--chat-template`)."
+    )
+    generation_defaults: GenerationDefaults | None = Field(
+        default=None, description="Sampling defaults for requests that leave them out."
     )
 
 

@@ -25,6 +25,10 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 MODEL_MOUNT_PATH = "/mnt/models"
 # Quantization methods vLLM still serves but refuses without --allow-deprecated-quantization.
 DEPRECATED_QUANTIZATIONS = frozenset({"fbgemm_fp8"})
+CHAT_TEMPLATE_DIR = "/etc/argosy/chat-template"
+CHAT_TEMPLATE_FILE = "template.jinja"
+CHAT_TEMPLATE_KEY = "chat-template.jinja"
+"""The key of the ConfigMap the operator writes for an inline template."""
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -32,6 +36,7 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_DEPLOYMENT = "argosy.dev/deployment"
 LABEL_ROLE = "argosy.dev/role"
 ANNOTATION_SERVED_MODEL_NAMES = "argosy.dev/served-model-names"
+ANNOTATION_CHAT_TEMPLATE_HASH = "argosy.dev/chat-template-hash"
 ROLE_SERVER = "server"
 
 # Probe timings. /health answers only once the weights are loaded and the engine is
@@ -47,6 +52,20 @@ PROGRESS_DEADLINE_SECONDS = 3600
 class SecretKeyRef:
     name: str
     key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplateMount:
+    """A chat template in a ConfigMap key, mounted read-only and passed as --chat-template."""
+
+    config_map: str
+    key: str
+    content_hash: str
+    """Hash of the template text: a pod template annotation, so an edited template rolls the pods."""
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +133,13 @@ class ServerInputs:
     node_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    tokenizer_mode: str | None = None
+    tokenizer_revision: str | None = None
+    chat_template: ChatTemplateMount | None = None
+    generation_override: tuple[tuple[str, float | int], ...] = ()
+    """--override-generation-config entries, vLLM's names."""
 
     @property
     def gpus_per_pod(self) -> int:
@@ -193,6 +219,19 @@ def vllm_args(inputs: ServerInputs, source: ModelSource) -> list[str]:
         args += ["--max-num-batched-tokens", str(inputs.max_num_batched_tokens)]
     if inputs.enforce_eager:
         args.append("--enforce-eager")
+    if inputs.trust_remote_code:
+        args.append("--trust-remote-code")
+    if inputs.tokenizer:
+        args += ["--tokenizer", inputs.tokenizer]
+    if inputs.tokenizer_mode and inputs.tokenizer_mode != "auto":
+        args += ["--tokenizer-mode", inputs.tokenizer_mode]
+    if inputs.tokenizer_revision:
+        args += ["--tokenizer-revision", inputs.tokenizer_revision]
+    if inputs.chat_template is not None:
+        args += ["--chat-template", f"{CHAT_TEMPLATE_DIR}/{CHAT_TEMPLATE_FILE}"]
+    if inputs.generation_override:
+        overrides = json.dumps(dict(inputs.generation_override), sort_keys=True, separators=(",", ":"))
+        args += ["--override-generation-config", overrides]
     if source.load_format and not _has_flag(inputs.extra_args, "--load-format"):
         args += ["--load-format", source.load_format]
     args += list(inputs.extra_args)
@@ -265,6 +304,8 @@ def _container(inputs: ServerInputs, source: ModelSource) -> dict[str, Any]:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     if source.pvc_claim:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT_PATH, "readOnly": True})
+    if inputs.chat_template is not None:
+        mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_DIR, "readOnly": True})
     if mounts:
         container["volumeMounts"] = mounts
     return container
@@ -283,6 +324,11 @@ def _volumes(inputs: ServerInputs, source: ModelSource) -> list[dict[str, Any]]:
             "name": "model",
             "persistentVolumeClaim": {"claimName": source.pvc_claim, "readOnly": True},
         })
+    if inputs.chat_template is not None:
+        volumes.append({"name": "chat-template", "configMap": {
+            "name": inputs.chat_template.config_map,
+            "items": [{"key": inputs.chat_template.key, "path": CHAT_TEMPLATE_FILE}],
+        }})
     return volumes
 
 
@@ -298,6 +344,37 @@ def _node_selector(inputs: ServerInputs) -> dict[str, str]:
 def _tolerations(inputs: ServerInputs) -> list[dict[str, Any]]:
     gpu = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
     return [gpu, *(dict(t) for t in inputs.tolerations if dict(t) != gpu)]
+
+
+def _pod_annotations(inputs: ServerInputs) -> dict[str, str]:
+    annotations = {
+        ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(inputs.served_model_names)),
+        "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
+    }
+    if inputs.chat_template is not None:
+        # vLLM reads the template once at startup; a new hash makes the Deployment roll.
+        annotations[ANNOTATION_CHAT_TEMPLATE_HASH] = inputs.chat_template.content_hash
+    return annotations
+
+
+def chat_template_config_map_name(name: str) -> str:
+    """The ConfigMap holding an inline chat template (ConfigMap names may be DNS subdomains)."""
+    return f"{name}-chat-template"
+
+
+def build_chat_template_config_map(name: str, namespace: str, owner_uid: str, template: str) -> dict[str, Any]:
+    """The ConfigMap the operator owns for `spec.engine.chatTemplate.inline`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": chat_template_config_map_name(name),
+            "namespace": namespace,
+            "labels": child_labels(name),
+            "ownerReferences": [owner_reference(name, owner_uid)],
+        },
+        "data": {CHAT_TEMPLATE_KEY: template},
+    }
 
 
 def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
@@ -338,10 +415,7 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": child_labels(inputs.name),
-                    "annotations": {
-                        ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(inputs.served_model_names)),
-                        "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
-                    },
+                    "annotations": _pod_annotations(inputs),
                 },
                 "spec": pod_spec,
             },

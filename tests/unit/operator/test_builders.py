@@ -79,6 +79,18 @@ CASES: dict[str, ServerInputs] = {
         pipeline_parallel_size=2,
         gpu_product=None,
     ),
+    "remote-code-chat-template": dataclasses.replace(
+        BASE,
+        name="baichuan-7b",
+        model_uri="hf://baichuan-inc/Baichuan-7B",
+        served_model_names=("baichuan-7b",),
+        trust_remote_code=True,
+        tokenizer_mode="hf",
+        tokenizer="baichuan-inc/Baichuan-7B",
+        tokenizer_revision="main",
+        chat_template=builders.ChatTemplateMount("baichuan-7b-chat-template", "chat-template.jinja", "0123abcd"),
+        generation_override=(("temperature", 0.3), ("max_new_tokens", 512), ("repetition_penalty", 1.1)),
+    ),
 }
 
 
@@ -294,3 +306,51 @@ def test_service_name_is_a_dns_label_even_when_the_llmdeployment_name_is_not(nam
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", service)
     if "." in name:  # "a.b" and "a-b" are different LLMDeployments: different Services
         assert builders.service_name(name.replace(".", "-")) != service
+
+
+def test_remote_code_and_tokenizer_flags_only_when_set() -> None:
+    plain = builders.vllm_args(BASE, builders.model_source(BASE.model_uri))
+    for flag in ("--trust-remote-code", "--tokenizer", "--tokenizer-mode", "--tokenizer-revision",
+                 "--chat-template", "--override-generation-config"):
+        assert flag not in plain
+    inputs = dataclasses.replace(BASE, trust_remote_code=True, tokenizer="org/tok", tokenizer_mode="hf",
+                                 tokenizer_revision="v2")
+    args = builders.vllm_args(inputs, builders.model_source(inputs.model_uri))
+    assert "--trust-remote-code" in args
+    assert args[args.index("--tokenizer") + 1] == "org/tok"
+    assert args[args.index("--tokenizer-mode") + 1] == "hf"
+    assert args[args.index("--tokenizer-revision") + 1] == "v2"
+    # vLLM's own default is left out, like dtype auto.
+    auto = dataclasses.replace(BASE, tokenizer_mode="auto")
+    assert "--tokenizer-mode" not in builders.vllm_args(auto, builders.model_source(auto.model_uri))
+
+
+def test_chat_template_mounted_read_only_and_its_hash_rolls_the_pods() -> None:
+    mount = builders.ChatTemplateMount("tpl", "my.jinja", builders.content_hash("{{ messages }}"))
+    deployment = builders.build_deployment(dataclasses.replace(BASE, chat_template=mount))
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    path = container["args"][container["args"].index("--chat-template") + 1]
+    (volume_mount,) = [m for m in container["volumeMounts"] if m["name"] == "chat-template"]
+    assert volume_mount["readOnly"] is True and path.startswith(volume_mount["mountPath"] + "/")
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "chat-template"]
+    assert volume["configMap"] == {"name": "tpl", "items": [{"key": "my.jinja", "path": path.rsplit("/", 1)[1]}]}
+    edited = dataclasses.replace(mount, content_hash=builders.content_hash("{{ messages | tojson }}"))
+    rolled = builders.build_deployment(dataclasses.replace(BASE, chat_template=edited))
+    before = pod["metadata"]["annotations"][builders.ANNOTATION_CHAT_TEMPLATE_HASH]
+    after = rolled["spec"]["template"]["metadata"]["annotations"][builders.ANNOTATION_CHAT_TEMPLATE_HASH]
+    assert before != after
+
+
+def test_generation_defaults_become_one_json_override() -> None:
+    inputs = dataclasses.replace(BASE, generation_override=(("top_p", 0.9), ("max_new_tokens", 256)))
+    args = builders.vllm_args(inputs, builders.model_source(inputs.model_uri))
+    assert json.loads(args[args.index("--override-generation-config") + 1]) == {"top_p": 0.9, "max_new_tokens": 256}
+
+
+def test_inline_chat_template_config_map_is_owned_and_labelled() -> None:
+    config_map = builders.build_chat_template_config_map("llama-8b", "team-a", "uid-1", "{{ bos_token }}")
+    assert config_map["metadata"]["name"] == builders.chat_template_config_map_name("llama-8b")
+    assert config_map["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert config_map["metadata"]["labels"][builders.LABEL_MANAGED_BY] == "argosy-operator"
+    assert config_map["data"] == {builders.CHAT_TEMPLATE_KEY: "{{ bos_token }}"}
