@@ -46,6 +46,12 @@ async def _get(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any] | None:
         raise
 
 
+async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, Any] | None:
+    """A user's ConfigMap (a chat template), or None when it does not exist."""
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"namespace": namespace, "name": name}}
+    return await _get(api, ref)
+
+
 async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return await api.request(

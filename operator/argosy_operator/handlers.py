@@ -22,6 +22,9 @@ from argosy_operator.settings import FIELD_MANAGER, GROUP, PLURAL, VERSION
 MANAGED = {LABEL_MANAGED_BY: FIELD_MANAGER}
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={FIELD_MANAGER}"
 KOPF_ANNOTATION_PREFIX = "kopf.argosy.dev"
+# What the operator creates (ConfigMaps: inline chat templates) and watches by its label.
+CHILD_RESOURCES = (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "configmaps"),
+                   ("", "v1", "pods"))
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -39,7 +42,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.scanning.disabled = True
     # Watch only what we own (and only GPU nodes): server-side filtering keeps the
     # operator's memory proportional to its own objects, not to the cluster.
-    for resource in (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "pods")):
+    for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = MANAGED_SELECTOR
     settings.watching.label_selectors[("", "v1", "nodes")] = GPU_PRODUCT_LABEL
     settings.watching.server_timeout = 300
@@ -83,6 +86,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         key = observe.owner_key(body)
         return {key: observe.trim_child(body)} if key else {}
 
+    @kopf.index("", "v1", "configmaps", labels=MANAGED, registry=registry,
+                id="argosy_config_maps")
+    async def argosy_config_maps(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        key = observe.owner_key(body)
+        return {key: observe.trim_child(body)} if key else {}
+
     @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry,
                 id="argosy_pods")
     async def argosy_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
@@ -102,7 +111,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         if key is not None:
             runtime.enqueue(key)
 
-    for resource in (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "pods")):
+    for resource in CHILD_RESOURCES:
         kopf.on.event(*resource, labels=MANAGED, registry=registry,
                       id=f"child_changed_{resource[2]}")(child_changed)
 

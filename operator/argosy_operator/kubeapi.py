@@ -22,6 +22,7 @@ import aiohttp
 _RESOURCES: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("v1", "Service"): "services",
+    ("v1", "ConfigMap"): "configmaps",
     ("v1", "Pod"): "pods",
     ("v1", "Event"): "events",
     ("v1", "Secret"): "secrets",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pydantic
 
-from argosy_operator import apply, builders, diffplan, status, sticky
+from argosy_operator import apply, builders, chattemplate, diffplan, status, sticky
 from argosy_operator.api import LLMDeploymentSpec, ModelFacts, PlacementStatus, served_names
 from argosy_operator.hubfacts import HubFacts
 from argosy_operator.kubeapi import KubeApi
@@ -72,11 +73,12 @@ class Decision:
     capacity_problem: str | None = None
 
 
-def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, placement: PlacementStatus) -> (
-        builders.ServerInputs):
+def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, placement: PlacementStatus,
+                  chat_template: builders.ChatTemplateMount | None = None) -> builders.ServerInputs:
     """Adapt the API model and the planner's placement to the builders' input."""
     engine = spec.engine
     secret = spec.hf_token_secret_ref
+    defaults = engine.generation_defaults
     return builders.ServerInputs(
         name=name,
         namespace=namespace,
@@ -104,6 +106,12 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         node_selector=dict(spec.scheduling.node_selector),
         tolerations=tuple(t.to_api() for t in spec.scheduling.tolerations),
         priority_class_name=spec.scheduling.priority_class_name,
+        trust_remote_code=spec.model.trust_remote_code,
+        tokenizer=spec.model.tokenizer,
+        tokenizer_mode=spec.model.tokenizer_mode,
+        tokenizer_revision=spec.model.tokenizer_revision,
+        chat_template=chat_template,
+        generation_override=tuple(sorted(defaults.vllm_override().items())) if defaults else (),
     )
 
 
@@ -134,6 +142,7 @@ def decide(
     *,
     previous: Mapping[str, Any] | None = None,
     now: str = "1970-01-01T00:00:00Z",
+    chat_template: chattemplate.ResolvedTemplate | chattemplate.TemplateFailure | None = None,
 ) -> Decision:
     """Parse the spec, keep or plan its placement, and render the desired children.
 
@@ -142,6 +151,8 @@ def decide(
     (sticky.py). `facts` is what the hub lookup found for a model the planner does not
     ship (or why it failed); None lets the planner use the inline facts or its own table.
     Without a placement the Service is still desired and an existing Deployment is kept.
+    `chat_template` is spec.engine.chatTemplate resolved (chattemplate.resolve); a missing
+    ConfigMap or key keeps any existing Deployment and starts no new pod.
     """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -160,6 +171,8 @@ def decide(
         return Decision(spec=spec, placement=kept, failure=status.PlacementFailure(reason, message),
                         desired=(service,), keep=frozenset({workload}), replanned=cause)
 
+    if isinstance(chat_template, chattemplate.TemplateFailure):
+        return no_placement(chat_template.reason, chat_template.message)
     placement = kept
     if cause is not None:
         try:
@@ -179,11 +192,13 @@ def decide(
                                   digest=digest, request=request, nodes=nodes, now=now)
     assert placement is not None
     try:
-        deployment = builders.build_deployment(server_inputs(name, namespace, uid, spec, placement))
+        mount = chat_template.mount if chat_template is not None else None
+        deployment = builders.build_deployment(server_inputs(name, namespace, uid, spec, placement, mount))
     except ValueError as e:  # a URI the admission rules let through but we cannot map
         return no_placement("InvalidSpec", str(e))
     capacity = sticky.capacity_problem(name, placement, spec.replicas, nodes, spec.scheduling.node_selector)
-    return Decision(spec=spec, placement=placement, desired=(deployment, service), replanned=cause,
+    owned = (chat_template.owned_config_map,) if chat_template and chat_template.owned_config_map else ()
+    return Decision(spec=spec, placement=placement, desired=(deployment, service, *owned), replanned=cause,
                     capacity_problem=capacity)
 
 
@@ -220,7 +235,11 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
             facts = await ctx.hub.facts(namespace, parsed)
         except PlacementError as e:
             facts = e
-    decision = decide(body, obs.nodes, facts, previous=previous, now=now)
+    template = None
+    if isinstance(parsed, LLMDeploymentSpec):
+        template = await chattemplate.resolve(parsed.engine.chat_template, name, namespace, uid,
+                                              functools.partial(apply.read_config_map, ctx.api))
+    decision = decide(body, obs.nodes, facts, previous=previous, now=now, chat_template=template)
     plan = diffplan.plan_children(uid, decision.desired, obs.children, keep=decision.keep)
     result = await apply.execute_plan(ctx.api, namespace, uid, plan, ctx.metrics)
     if result.written:
