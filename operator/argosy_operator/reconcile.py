@@ -91,7 +91,7 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         pipeline_parallel_size=placement.pipeline_parallel_size,
         # The planner resolves the default (the model's context) and sized the KV cache
         # for it; pass it on so vLLM and the status agree.
-        max_model_len=engine.max_model_len or placement.max_model_len,
+        max_model_len=engine.max_model_len or placement.max_model_len or None,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         gpu_product=placement.gpu_product,
         revision=spec.model.revision,

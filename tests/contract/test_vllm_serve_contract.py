@@ -145,11 +145,18 @@ CONTROLS = [
 ]
 
 
+def _with_mounts(argv: list[str], mounted_template: Path) -> list[str]:
+    """The pod's ConfigMap mount, here a local file: vLLM checks that --chat-template exists."""
+    return [str(mounted_template) if arg.startswith(builders.CHAT_TEMPLATE_DIR + "/") else arg for arg in argv]
+
+
 @pytest.fixture(scope="module")
-def parsed() -> Parsed:
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> Parsed:
+    template = tmp_path_factory.mktemp("mounts") / builders.CHAT_TEMPLATE_FILE
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
     built = [_build(body, parallel) for body, parallel in sweep()]
-    swept_argvs = [_argv(container) for _, container in built]
-    golden = {name: _argv(container) for name, container in _golden_containers().items()}
+    swept_argvs = [_with_mounts(_argv(container), template) for _, container in built]
+    golden = {name: _with_mounts(_argv(container), template) for name, container in _golden_containers().items()}
     assert golden, f"no golden Deployments under {GOLDEN}"
     results = vllm_runtime.parse_serve_args([*swept_argvs, *golden.values(), *CONTROLS])
     assert len(results) == len(swept_argvs) + len(golden) + len(CONTROLS)
