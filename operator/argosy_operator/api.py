@@ -361,7 +361,10 @@ class GenerationDefaults(ApiModel):
     top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="Top-k cut-off (-1: off).")
     min_p: float | None = Field(default=None, ge=0, le=1, description="Minimum token probability, relative.")
-    max_tokens: int | None = Field(default=None, ge=1, le=268_435_456, description="Output token limit.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=268_435_456,
+        description="Output tokens for requests that send no max_tokens. vLLM 0.32 also caps every request at "
+        "this value (a request asking for more gets this many).")
     repetition_penalty: float | None = Field(default=None, gt=0, le=100, description="Repetition penalty.")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
