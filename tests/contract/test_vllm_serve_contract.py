@@ -13,13 +13,12 @@ import itertools
 import random
 import typing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 from argosy_operator import api, builders
-from argosy_operator.api import LLMDeploymentSpec
+from argosy_operator.api import LLMDeploymentSpec, PlacementStatus
 from argosy_operator.reconcile import server_inputs
 from argosy_sandbox import versions, vllm_runtime
 
@@ -43,6 +42,8 @@ PASS_THROUGH = (
     ("--max-num-seqs", "64", "--disable-log-stats", "--allow-deprecated-quantization"),
 )
 SERVED_NAMES = ((), ("chat",), ("chat", "chat-v2"))
+# The --max-model-len the planner resolved when the spec has none (the model's context), or none.
+PLANNED_LENGTHS = (None, 131072)
 
 
 def _spec(
@@ -58,7 +59,8 @@ def _spec(
     revision: str | None,
     batched: int | None,
     utilization: float,
-) -> tuple[dict[str, Any], tuple[int, int]]:
+    planned_length: int | None,
+) -> tuple[dict[str, Any], PlacementStatus]:
     engine: dict[str, Any] = {
         "dtype": dtype,
         "kvCacheDtype": kv_cache_dtype,
@@ -78,18 +80,19 @@ def _spec(
     if revision:
         model["revision"] = revision
     tensor, pipeline = parallel
-    return {
-        "model": model,
-        "engine": engine,
-        "parallelism": {"tensor": tensor, "pipeline": pipeline},
-    }, parallel
+    placement = PlacementStatus.model_validate({
+        "tensorParallelSize": tensor, "pipelineParallelSize": pipeline, "gpusPerPod": tensor * pipeline,
+        "podsPerReplica": 1, "weightsGiB": 16.0, "kvCacheTokens": 500_000, "maxConcurrency": 4.0,
+        "maxModelLen": planned_length,
+    })
+    return {"model": model, "engine": engine, "parallelism": {"tensor": tensor, "pipeline": pipeline}}, placement
 
 
-def sweep() -> list[tuple[dict[str, Any], tuple[int, int]]]:
+def sweep() -> list[tuple[dict[str, Any], PlacementStatus]]:
     """Each value of every dimension at least once, then seeded random combinations of them all."""
     dimensions: list[tuple[Any, ...]] = [
         MODEL_URIS, DTYPES, QUANTIZATIONS, KV_CACHE_DTYPES, MAX_MODEL_LENS, (False, True), PASS_THROUGH,
-        SERVED_NAMES, PARALLELISM, (None, "main"), (None, 2048), (0.9, 0.95, 1.0),
+        SERVED_NAMES, PARALLELISM, (None, "main"), (None, 2048), (0.9, 0.95, 1.0), PLANNED_LENGTHS,
     ]
     longest = max(len(values) for values in dimensions)
     cases = [_spec(*(values[i % len(values)] for values in dimensions)) for i in range(longest)]
@@ -110,13 +113,10 @@ def _argv(container: dict[str, Any]) -> list[str]:
     return [*command[1:], *container["args"]]
 
 
-def _build(spec_body: dict[str, Any], parallel: tuple[int, int]) -> tuple[LLMDeploymentSpec, dict[str, Any]]:
+def _build(spec_body: dict[str, Any], placement: PlacementStatus) -> tuple[Built, dict[str, Any]]:
     spec = LLMDeploymentSpec.model_validate(spec_body)
-    placement = SimpleNamespace(
-        tensor_parallel_size=parallel[0], pipeline_parallel_size=parallel[1], max_model_len=0, gpu_product=None
-    )
     inputs = server_inputs("chat", "team-a", "uid-1", spec, placement)
-    return spec, _container(builders.build_deployment(inputs))
+    return Built(spec, placement), _container(builders.build_deployment(inputs))
 
 
 def _golden_containers() -> dict[str, dict[str, Any]]:
@@ -129,10 +129,16 @@ def _golden_containers() -> dict[str, dict[str, Any]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Built:
+    spec: LLMDeploymentSpec
+    placement: PlacementStatus
+
+
+@dataclasses.dataclass(frozen=True)
 class Parsed:
     """vLLM's verdicts: (spec, argv, result) per swept spec, result per golden file, and the controls."""
 
-    swept: list[tuple[LLMDeploymentSpec, list[str], dict[str, Any]]]
+    swept: list[tuple[Built, list[str], dict[str, Any]]]
     golden: dict[str, dict[str, Any]]
     controls: list[dict[str, Any]]
 
@@ -154,7 +160,7 @@ def _with_mounts(argv: list[str], mounted_template: Path) -> list[str]:
 def parsed(tmp_path_factory: pytest.TempPathFactory) -> Parsed:
     template = tmp_path_factory.mktemp("mounts") / builders.CHAT_TEMPLATE_FILE
     template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
-    built = [_build(body, parallel) for body, parallel in sweep()]
+    built = [_build(body, placement) for body, placement in sweep()]
     swept_argvs = [_with_mounts(_argv(container), template) for _, container in built]
     golden = {name: _with_mounts(_argv(container), template) for name, container in _golden_containers().items()}
     assert golden, f"no golden Deployments under {GOLDEN}"
@@ -162,7 +168,7 @@ def parsed(tmp_path_factory: pytest.TempPathFactory) -> Parsed:
     assert len(results) == len(swept_argvs) + len(golden) + len(CONTROLS)
     swept_results, rest = results[: len(swept_argvs)], results[len(swept_argvs):]
     return Parsed(
-        swept=[(spec, argv, result) for (spec, _), argv, result in zip(built, swept_argvs, swept_results, strict=True)],
+        swept=[(case, argv, result) for (case, _), argv, result in zip(built, swept_argvs, swept_results, strict=True)],
         golden=dict(zip(golden, rest[: len(golden)], strict=True)),
         controls=rest[len(golden):],
     )
@@ -190,8 +196,9 @@ def test_every_swept_spec_gives_a_command_line_vllm_accepts(parsed: Parsed) -> N
 
 def test_vllm_reads_each_setting_as_the_spec_meant_it(parsed: Parsed) -> None:
     """Accepted is not enough: vLLM must read each flag as the setting the spec asked for."""
-    for spec, argv, result in parsed.swept:
+    for case, argv, result in parsed.swept:
         assert result["ok"], result
+        spec = case.spec
         settings = result["parsed"]
         engine = spec.engine
         tensor = int(argv[argv.index("--tensor-parallel-size") + 1])
@@ -201,7 +208,7 @@ def test_vllm_reads_each_setting_as_the_spec_meant_it(parsed: Parsed) -> None:
             "served_model_name": list(spec.model.served_model_names) or ["chat"],
             "tensor_parallel_size": tensor,
             "pipeline_parallel_size": pipeline,
-            "max_model_len": engine.max_model_len,
+            "max_model_len": engine.max_model_len or case.placement.max_model_len,
             "gpu_memory_utilization": engine.gpu_memory_utilization,
             "port": builders.SERVER_PORT,
             "dtype": engine.dtype,
