@@ -28,6 +28,7 @@ COMPLETE_MARKER = ".complete"
 # What a newcomer reads in the demo and docs about the model that answers.
 DESCRIPTION = "a tiny stand-in Llama (2 layers, hidden 256) the sandbox trained on a fixed text"
 
+
 class ModelBuildError(RuntimeError):
     """The stand-in model could not be made; the message names the log."""
 

@@ -32,6 +32,7 @@ INSTALLED_MARKER = ".installed"
 # Measured with `du -sh` on the installed runtime (docs/sandbox.md).
 INSTALL_SIZE = "about 6 GB"
 
+
 class RuntimeInstallError(RuntimeError):
     """The serving runtime could not be installed; the message names the log."""
 
