@@ -42,6 +42,18 @@ PASS_THROUGH = (
     ("--max-num-seqs", "64", "--disable-log-stats", "--allow-deprecated-quantization"),
 )
 SERVED_NAMES = ((), ("chat",), ("chat", "chat-v2"))
+TOKENIZER_MODES = (None, *typing.get_args(api.TokenizerMode))
+# Model options beside the URI, and engine options with a value of their own.
+MODEL_EXTRAS: tuple[dict[str, Any], ...] = (
+    {},
+    {"trustRemoteCode": True},
+    {"tokenizer": "org/tokenizer", "tokenizerRevision": "v2"},
+)
+ENGINE_EXTRAS: tuple[dict[str, Any], ...] = (
+    {},
+    {"chatTemplate": {"inline": "{% for m in messages %}{{ m.content }}{% endfor %}"}},
+    {"generationDefaults": {"temperature": 0.3, "topP": 0.85, "maxTokens": 256, "repetitionPenalty": 1.1}},
+)
 # The --max-model-len the planner resolved when the spec has none (the model's context), or none.
 PLANNED_LENGTHS = (None, 131072)
 
@@ -60,6 +72,9 @@ def _spec(
     batched: int | None,
     utilization: float,
     planned_length: int | None,
+    tokenizer_mode: str | None,
+    model_extras: dict[str, Any],
+    engine_extras: dict[str, Any],
 ) -> tuple[dict[str, Any], PlacementStatus]:
     engine: dict[str, Any] = {
         "dtype": dtype,
@@ -74,7 +89,10 @@ def _spec(
         engine["maxModelLen"] = max_model_len
     if batched:
         engine["maxNumBatchedTokens"] = batched
-    model: dict[str, Any] = {"uri": uri}
+    engine.update(engine_extras)
+    model: dict[str, Any] = {"uri": uri, **model_extras}
+    if tokenizer_mode:
+        model["tokenizerMode"] = tokenizer_mode
     if served:
         model["servedModelNames"] = list(served)
     if revision:
@@ -93,6 +111,7 @@ def sweep() -> list[tuple[dict[str, Any], PlacementStatus]]:
     dimensions: list[tuple[Any, ...]] = [
         MODEL_URIS, DTYPES, QUANTIZATIONS, KV_CACHE_DTYPES, MAX_MODEL_LENS, (False, True), PASS_THROUGH,
         SERVED_NAMES, PARALLELISM, (None, "main"), (None, 2048), (0.9, 0.95, 1.0), PLANNED_LENGTHS,
+        TOKENIZER_MODES, MODEL_EXTRAS, ENGINE_EXTRAS,
     ]
     longest = max(len(values) for values in dimensions)
     cases = [_spec(*(values[i % len(values)] for values in dimensions)) for i in range(longest)]
@@ -115,7 +134,10 @@ def _argv(container: dict[str, Any]) -> list[str]:
 
 def _build(spec_body: dict[str, Any], placement: PlacementStatus) -> tuple[Built, dict[str, Any]]:
     spec = LLMDeploymentSpec.model_validate(spec_body)
-    inputs = server_inputs("chat", "team-a", "uid-1", spec, placement)
+    # The operator keeps an inline template in a ConfigMap of its own and mounts that.
+    mount = builders.ChatTemplateMount("chat-template", builders.CHAT_TEMPLATE_KEY, "hash") if (
+        spec.engine.chat_template) else None
+    inputs = server_inputs("chat", "team-a", "uid-1", spec, placement, chat_template=mount)
     return Built(spec, placement), _container(builders.build_deployment(inputs))
 
 
@@ -216,11 +238,20 @@ def test_vllm_reads_each_setting_as_the_spec_meant_it(parsed: Parsed) -> None:
             "kv_cache_dtype": engine.kv_cache_dtype,
             "max_num_batched_tokens": engine.max_num_batched_tokens,
             "enforce_eager": engine.enforce_eager,
+            "trust_remote_code": spec.model.trust_remote_code,
+            "tokenizer": spec.model.tokenizer,
+            "tokenizer_mode": spec.model.tokenizer_mode or "auto",
+            "tokenizer_revision": spec.model.tokenizer_revision,
+            "override_generation_config": (
+                engine.generation_defaults.vllm_override() if engine.generation_defaults else {}
+            ),
         }
         actual = {key: settings[key] for key in expected}
         assert actual == expected, f"vLLM reads {' '.join(argv)} differently from the spec"
         if spec.model.uri.startswith("s3://") and "--load-format" not in engine.args:
             assert settings["load_format"] == "runai_streamer"
+        if engine.chat_template:
+            assert settings["chat_template"] == argv[argv.index("--chat-template") + 1]
         if spec.model.uri.startswith("hf://") and spec.model.revision:
             assert settings["revision"] == spec.model.revision
 
@@ -231,6 +262,9 @@ def test_the_sweep_covers_every_api_value() -> None:
     assert {s.engine.kv_cache_dtype for s in specs} == set(KV_CACHE_DTYPES)
     assert {s.engine.quantization for s in specs} == set(QUANTIZATIONS)
     assert {s.engine.enforce_eager for s in specs} == {False, True}
+    assert {s.model.tokenizer_mode for s in specs} == set(TOKENIZER_MODES)
+    assert any(s.engine.chat_template for s in specs) and any(s.engine.generation_defaults for s in specs)
+    assert any(s.model.trust_remote_code for s in specs) and any(s.model.tokenizer for s in specs)
     assert {(s.parallelism.tensor, s.parallelism.pipeline) for s in specs} == set(PARALLELISM)
     assert set(itertools.chain.from_iterable(s.engine.args for s in specs)) == set(
         itertools.chain.from_iterable(PASS_THROUGH)

@@ -45,6 +45,12 @@ REPORTED = (
     "enforce_eager",
     "load_format",
     "revision",
+    "trust_remote_code",
+    "tokenizer",
+    "tokenizer_mode",
+    "tokenizer_revision",
+    "chat_template",
+    "override_generation_config",
 )
 
 
