@@ -31,8 +31,8 @@ from .vllm_runtime import ensure_runtime, runtime_env, vllm_command
 
 SERVED_MODEL_NAME = "standin"
 MAX_MODEL_LEN = 1024
-# Without torch.compile (vLLM's CPU build otherwise compiles C++ kernels at every start, a minute
-# or more here); the HTTP server, engine and scheduler are the same.
+# Without torch.compile (25-100 s of vLLM's start here, docs/sandbox.md); the HTTP server, engine
+# and scheduler are the same.
 DEFAULT_EXTRA_ARGS = ("--enforce-eager",)
 # Startup is 60-80 s on an idle 2-core machine; a machine shared with other builds is slower.
 STARTUP_TIMEOUT_S = 600.0
