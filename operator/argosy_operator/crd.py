@@ -99,9 +99,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         required = set(out.get("required", []))
         for name, prop in out["properties"].items():
             # Absent optional sub-objects default to {} so their own defaults apply at admission
-            # (not those with required fields: {} would not be valid).
+            # (not those with required fields or CEL rules of their own: {} may not be valid).
             optional_object = name not in required and prop.get("type") == "object" and "properties" in prop
-            if optional_object and name not in _NO_DEFAULT_OBJECTS and not prop.get("required"):
+            constrained = prop.get("required") or prop.get("x-kubernetes-validations")
+            if optional_object and name not in _NO_DEFAULT_OBJECTS and not constrained:
                 prop.setdefault("default", {})
     return out
 

@@ -93,6 +93,9 @@ def test_optional_objects_default_so_nested_defaults_apply() -> None:
         if isinstance(node.get("default"), dict):
             missing = set(node.get("required", ())) - set(node["default"])
             assert not missing, f"{path}: default {node['default']} lacks required {sorted(missing)}"
+            # CEL rules are not evaluated here; an object with its own rules gets no default
+            # (chatTemplate's "exactly one of" refuses {}, and with it the whole CRD).
+            assert not node.get("x-kubernetes-validations"), f"{path}: a defaulted object with CEL rules"
 
 
 def test_subresources_printer_columns_and_names() -> None:
