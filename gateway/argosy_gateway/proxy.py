@@ -18,7 +18,7 @@ from typing import Any
 from argosy_gateway import errors
 from argosy_gateway.errors import GatewayError
 from argosy_gateway.metrics import UNKNOWN_MODEL
-from argosy_gateway.parsing import ParsedRequest, parse_request, prompt_prefix
+from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
@@ -115,12 +115,24 @@ async def send_error(send: Send, error: GatewayError) -> None:
 
 
 class ProxyEndpoint:
-    """ASGI app for one OpenAI path (``/v1/chat/completions`` and friends)."""
+    """ASGI app for one model-addressed path (``/v1/chat/completions`` and friends).
 
-    def __init__(self, runtime: GatewayRuntime, kind: str, path: str) -> None:
+    ``kind`` is the body format (parsing.JSON_BODY or MULTIPART_BODY). ``on_answer``, when
+    set, sees the model, the endpoint and the first bytes of every 200 answer (the Responses API uses
+    it to remember which replica stored a response).
+    """
+
+    def __init__(
+        self,
+        runtime: GatewayRuntime,
+        kind: str,
+        path: str,
+        on_answer: Callable[[str, str, bytes], None] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.kind = kind
         self.path = path
+        self.on_answer = on_answer
         self._addresses: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -134,7 +146,7 @@ class ProxyEndpoint:
         try:
             try:
                 content_length = -1
-                authorization = session_id = None
+                authorization = session_id = content_type = None
                 forwarded: dict[str, str] = {"Content-Type": "application/json"}
                 for name, value in scope["headers"]:
                     if name == b"content-length":
@@ -143,16 +155,22 @@ class ProxyEndpoint:
                         authorization = value
                     elif name == b"x-session-id":
                         session_id = value.decode("latin-1")
+                    elif name == b"content-type":
+                        content_type = value.decode("latin-1")
                     elif name in _FORWARDED_REQUEST_HEADERS:
                         forwarded[name.decode()] = value.decode("latin-1")
+                if self.kind == MULTIPART_BODY and content_type is not None:
+                    forwarded["Content-Type"] = content_type  # the boundary must reach vLLM
                 key = runtime.authenticate(authorization)
                 limit = runtime.settings.max_body_bytes
                 if content_length > limit:
                     raise errors.body_too_large(limit)
                 body = await _read_body(receive, limit)
-                parsed = parse_request(self.kind, body)
+                parsed = parse_request(self.kind, body, content_type)
                 route = runtime.table.get(parsed.model)
                 if route is None:
+                    if not runtime.loaded:
+                        raise errors.routes_not_loaded(runtime.settings.retry_after_seconds)
                     names = runtime.table.model_names()
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
@@ -199,7 +217,7 @@ class ProxyEndpoint:
         policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
         affinity: str | None = None
         if policy.needs == "prefix":
-            affinity = prompt_prefix(self.kind, parsed.body, runtime.settings.prefix_chars)
+            affinity = prompt_prefix(parsed.body, runtime.settings.prefix_chars)
         elif policy.needs == "session":
             affinity = session_id or parsed.user
         tried: list[str] = []
@@ -291,6 +309,8 @@ class ProxyEndpoint:
                 ) from None
 
             runtime.health.record_success(endpoint)
+            if self.on_answer is not None and status == 200:
+                self.on_answer(model, endpoint, first)
             response_headers = [
                 (b"content-type", content_type.encode("latin-1")),
                 (b"x-argosy-endpoint", address),
