@@ -72,6 +72,10 @@ def create_client(settings: GatewaySettings) -> AsyncClient:
 
 class KubernetesDiscovery:
     def __init__(self, settings: GatewaySettings, client_factory: ClientFactory = create_client) -> None:
+        # lightkube's transport logs every request (each watch restart) at INFO: noise for a proxy.
+        transport = logging.getLogger("httpx2")
+        if transport.getEffectiveLevel() < logging.WARNING and not log.isEnabledFor(logging.DEBUG):
+            transport.setLevel(logging.WARNING)
         self.settings = settings
         self.client_factory = client_factory
         self.state = ClusterState()
