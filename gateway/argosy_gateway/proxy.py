@@ -28,6 +28,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,20 @@ class _ClientGone(Exception):
 
 
 class _Attempt(Exception):
-    """A failed upstream attempt before any byte reached the client (may be retried)."""
+    """A failed upstream attempt before any byte reached the client (may be retried).
 
-    def __init__(self, reason: str, error: GatewayError, retryable: bool) -> None:
+    ``answer`` is the model server's own answer (a 502/503 and its headers and body), which
+    the client gets unchanged when no retry is left.
+    """
+
+    def __init__(
+        self, reason: str, error: GatewayError, retryable: bool, answer: tuple[int, Headers, bytes] | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error = error
         self.retryable = retryable
+        self.answer = answer
 
 
 class _StreamSilent(Exception):
@@ -233,6 +241,8 @@ class ProxyEndpoint:
                 tried.append(endpoint)
                 more = any(e not in tried for e in route.endpoints)
                 if not (failed.retryable and retries_left > 0 and more):
+                    if failed.answer is not None:
+                        return await _send_answer(send, exchange, *failed.answer)
                     raise failed.error from None
                 retries_left -= 1
                 runtime.metrics.retries.labels(route.name).inc()
@@ -279,6 +289,7 @@ class ProxyEndpoint:
                             f"HTTP {status}",
                             errors.upstream_failed(f"The model server answered HTTP {status}."),
                             retryable=True,
+                            answer=await _retryable_answer(response, address),
                         )
                     content_type = response.header("content-type") or "application/json"
                     is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
@@ -394,6 +405,30 @@ class ProxyEndpoint:
                 self._addresses.clear()
             address = self._addresses[endpoint] = endpoint_address(endpoint).encode()
         return address
+
+
+async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple[int, Headers, bytes] | None:
+    """A 502/503 answer kept to pass on if no retry is left; None if it cannot be read."""
+    try:
+        body = await response.read()
+    except UpstreamError:
+        return None
+    headers = [
+        (b"content-type", (response.header("content-type") or "application/json").encode("latin-1")),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-argosy-endpoint", address),
+    ]
+    retry_after = response.header("retry-after")
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode("latin-1")))
+    return response.status, headers, body
+
+
+async def _send_answer(send: Send, exchange: _Exchange, status: int, headers: Headers, body: bytes) -> int:
+    exchange.stop_watching()
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -96,6 +96,17 @@ class ExtraEndpoints:
         self._count += 1
         return f"{prefix}{self._prefix}{self._count:016x}"
 
+    def _list_answer(self, prefix: str, model: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+        """The envelope of vLLM's score, pooling and classify answers."""
+        return {
+            "id": self._id(prefix),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+
     def _error(self, err: RequestError) -> web.Response:
         return web.Response(
             status=err.status,
@@ -170,14 +181,7 @@ class ExtraEndpoints:
             for i, (a, b) in enumerate(zip(first, second, strict=True))
         ]
         tokens = sum(len(_tokens(a + b)) for a, b in zip(first, second, strict=True))
-        return {
-            "id": self._id("score-"),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body["model"],
-            "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
-        }
+        return self._list_answer("score-", body["model"], data, tokens)
 
     def _tokenize(self, body: dict[str, Any], request: web.Request) -> dict[str, Any]:
         if "messages" in body:
@@ -207,17 +211,8 @@ class ExtraEndpoints:
 
     def _pooling(self, body: dict[str, Any], request: web.Request) -> dict[str, Any]:
         inputs = _texts(body.get("input"), "input")
-        tokens = sum(len(_tokens(text)) for text in inputs)
-        return {
-            "id": self._id("pool-"),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body["model"],
-            "data": [
-                {"index": i, "object": "pooling", "data": embedding_vector(text, 16)} for i, text in enumerate(inputs)
-            ],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
-        }
+        data = [{"index": i, "object": "pooling", "data": embedding_vector(text, 16)} for i, text in enumerate(inputs)]
+        return self._list_answer("pool-", body["model"], data, sum(len(_tokens(text)) for text in inputs))
 
     def _classify(self, body: dict[str, Any], request: web.Request) -> dict[str, Any]:
         inputs = _texts(body.get("input"), "input")
@@ -232,15 +227,7 @@ class ExtraEndpoints:
                     "num_classes": 2,
                 }
             )
-        tokens = sum(len(_tokens(text)) for text in inputs)
-        return {
-            "id": self._id("classify-"),
-            "object": "list",
-            "created": int(time.time()),
-            "model": body["model"],
-            "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
-        }
+        return self._list_answer("classify-", body["model"], data, sum(len(_tokens(text)) for text in inputs))
 
     # -- Responses API ----------------------------------------------------------------------------
 

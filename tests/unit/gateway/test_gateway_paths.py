@@ -267,3 +267,44 @@ async def test_unknown_path_is_an_openai_shaped_404(gateway) -> None:
         assert response.status == 404
         error = (await response.json())["error"]
     assert error["code"] == "not_found" and "/v1/frobnicate" in error["message"]
+
+
+async def test_a_503_left_after_the_retry_is_the_model_servers_own_answer(gateway_factory, tmp_path: Path) -> None:
+    # vLLM answers 503 while its engine is down; the simulator has no way to be put in that state,
+    # so two small servers stand in for two such replicas.
+    from aiohttp import web
+
+    from .harness import free_port
+
+    seen: list[int] = []
+    runners = []
+    ports = [free_port(), free_port()]
+    for port in ports:
+
+        async def unavailable(request: web.Request, port: int = port) -> web.Response:
+            seen.append(port)
+            body = {"error": {"message": f"engine dead on {port}", "type": "ServiceUnavailable", "code": 503}}
+            return web.json_response(body, status=503, headers={"Retry-After": "7"})
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", unavailable)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+    try:
+        write_routes(tmp_path / "routes.yaml", {MODEL: [f"http://127.0.0.1:{p}" for p in ports]})
+        gateway = await gateway_factory()
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(gateway.url + "/v1/chat/completions", json=body) as answer,
+        ):
+            status, headers, payload = answer.status, answer.headers, await answer.json()
+        assert sorted(seen) == sorted(ports)  # tried once, retried once on the other replica
+        assert status == 503 and headers["retry-after"] == "7"
+        assert payload["error"]["message"] == f"engine dead on {seen[-1]}"  # the last replica's own words
+        assert headers["x-argosy-endpoint"] == f"127.0.0.1:{seen[-1]}"
+    finally:
+        for runner in runners:
+            await runner.cleanup()
