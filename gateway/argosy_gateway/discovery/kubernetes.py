@@ -150,6 +150,9 @@ class KubernetesDiscovery:
             except (httpx.HTTPError, OSError, ValueError) as exc:
                 failures += 1
                 log.warning("%s in %s: %s: %s; re-listing", resource, _scope_name(scope), type(exc).__name__, exc)
+            except Exception:  # a bug: never let it end discovery (the table would freeze)
+                failures += 1
+                log.exception("%s in %s: unexpected error; re-listing", resource, _scope_name(scope))
             await asyncio.sleep(_delay(failures))
 
     def _changed(self) -> None:
