@@ -4,7 +4,7 @@ PY := .venv/bin/python
 VENV_INPUTS := images/constraints.txt operator/pyproject.toml gateway/pyproject.toml tests/testkit/pyproject.toml .ci/requirements-dev.in
 
 .PHONY: help venv sandbox-build sandbox-up sandbox-down sandbox-status manifests manifests-check lint test test-unit test-e2e \
-        bench-gateway bench-operator demo clean
+        bench-gateway bench-operator fuzz-gateway demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -45,7 +45,8 @@ manifests-check: sandbox-build ## fail when a generated file is stale
 STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/builders.py \
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
-	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py
+	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \
+	gateway/argosy_gateway/responsestore.py gateway/argosy_gateway/ratelimit.py gateway/argosy_gateway/discovery/cluster.py
 
 lint: venv ## ruff everywhere, mypy --strict on the pure modules
 	@$(PY) -m ruff check operator gateway tests
@@ -66,6 +67,11 @@ bench-gateway: venv ## gateway vs direct (and nginx, vllm-router), side by side 
 	@test -x .venv/bin/vllm-router || $(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt vllm-router \
 		|| echo "vllm-router not installed: its rows are skipped"
 	@$(PY) tests/bench/bench_gateway.py $(BENCH_ARGS)
+
+FUZZ_REQUESTS ?= 20000
+fuzz-gateway: venv ## fuzz the gateway with FUZZ_REQUESTS generated requests (make test runs 1000); FUZZ_SEED=n
+	@ARGOSY_FUZZ_REQUESTS=$(FUZZ_REQUESTS) ARGOSY_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s \
+		tests/unit/gateway/test_gateway_fuzz.py
 
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator
 	@$(PY) tests/bench/bench_operator_scale.py

@@ -33,6 +33,19 @@ def kubeconfig(sandbox: Sandbox) -> Path:
     return sandbox.kubeconfig
 
 
+@pytest.fixture(scope="session")
+def crd(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The LLMDeployment CRD, installed once per session for tests that create LLMDeployments."""
+    # Rendered from the models under test, which is what manifests/crds/ holds when it is
+    # current (a unit test fails when the committed copy is stale).
+    from argosy_operator import crd as crdgen
+
+    path = tmp_path_factory.mktemp("crd") / "argosy.dev_llmdeployments.yaml"
+    path.write_text(crdgen.render_manifest())
+    sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
+
+
 @pytest.fixture
 def namespace(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")

@@ -46,6 +46,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     await task
             await runtime.upstream.close()
             runtime.upstream = None
+            await app.state.stored_responses.close()
 
     app = GatewayApp(
         title="Argosy gateway",
@@ -53,12 +54,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        # FastAPI's native OpenTelemetry hook checks the global providers on every request;
-        # it costs more than the proxying itself, so it is opt-in.
-        telemetry={"tracing": settings.opentelemetry, "metrics": settings.opentelemetry, "logs": False},
+        # No OpenTelemetry: FastAPI's native hook would trace only the small JSON endpoints (the
+        # proxy paths are dispatched before it) at a cost on every request. The gateway's own
+        # Prometheus metrics cover the proxy paths, and traceparent/tracestate are forwarded so
+        # vLLM's tracing joins the caller's trace (docs/gateway.md, "Telemetry").
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = runtime
-    app.proxy_endpoints = install_routes(app, runtime)
+    app.proxy_endpoints, app.state.stored_responses = install_routes(app, runtime)
     return app
 
 

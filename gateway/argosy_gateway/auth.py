@@ -28,9 +28,13 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
+    """One key of the keys file. ``sha256`` identifies it (rate-limit buckets are keyed by it);
+    ``name`` is only a label for logs and metrics, and two keys may share it."""
+
     name: str
     models: frozenset[str] | None = None
     requests_per_minute: int | None = None
+    sha256: str = ""
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -75,7 +79,7 @@ def parse_keys_file(text: str) -> KeyStore:
             raise ValueError(f"{where}.requestsPerMinute must be a positive integer")
         if digest.lower() in by_hash:
             raise ValueError(f"{where}: the same key hash appears twice")
-        by_hash[digest.lower()] = ApiKey(name, frozenset(models) if models is not None else None, rpm)
+        by_hash[digest.lower()] = ApiKey(name, frozenset(models) if models is not None else None, rpm, digest.lower())
     return KeyStore(MappingProxyType(by_hash))
 
 

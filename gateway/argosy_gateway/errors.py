@@ -112,6 +112,24 @@ def no_ready_replica(model: str, retry_after: int) -> GatewayError:
     )
 
 
+def routes_not_loaded(retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is starting and has not loaded its routes yet; retry shortly.",
+        error_type="service_unavailable_error",
+        code="routes_not_loaded",
+        retry_after=retry_after,
+    )
+
+
+def unknown_path(method: str, path: str) -> GatewayError:
+    if len(path) > 200:
+        path = path[:200] + "..."
+    return GatewayError(
+        404, f"No such path: {method} {path}. See docs/gateway.md for the paths served.", code="not_found"
+    )
+
+
 def upstream_failed(message: str) -> GatewayError:
     return GatewayError(502, message, error_type="upstream_error", code="upstream_failed")
 

@@ -1,25 +1,31 @@
-"""Request body checks: parse once, check only what routing needs and obvious types.
+"""Request bodies: read only what routing needs; vLLM judges everything else.
 
-The raw body is forwarded unchanged; this module only reads it. Pure: no web
-framework, no I/O.
+The gateway reads the ``model`` (a string), ``stream`` (a boolean when present), ``user``
+(for session affinity, ignored unless a string) and the prompt prefix (for prefix
+affinity). Any other field, valid or not, is vLLM's business: the raw body is forwarded
+unchanged, and vLLM's own 400 reaches the client as vLLM wrote it.
+
+The gateway answers 400 itself only for bodies it cannot route: not UTF-8, not JSON, not
+an object, nested too deeply, or without a string ``model``. Multipart bodies (the audio
+paths) are scanned for their ``model`` field in place, without copying the file.
+
+Pure: no web framework, no I/O.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from argosy_gateway.errors import bad_request
+from argosy_gateway.errors import GatewayError, bad_request
 
-CHAT: Final = "chat"
-COMPLETIONS: Final = "completions"
-EMBEDDINGS: Final = "embeddings"
+JSON_BODY: Final = "json"
+MULTIPART_BODY: Final = "multipart"
 
-# Fields whose type is obvious from the OpenAI API; null is accepted for all of them.
-_INTEGER_FIELDS: Final = ("max_tokens", "max_completion_tokens", "n", "seed", "top_k", "logprobs")
-_NUMBER_FIELDS: Final = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-_BOOLEAN_FIELDS: Final = ("stream", "echo")
+_MULTIPART_FIELDS: Final = (b"model", b"stream", b"user")
+_PREFIX_FIELDS: Final = ("messages", "prompt", "input", "query", "text_1", "queries", "tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +33,49 @@ class ParsedRequest:
     model: str
     stream: bool
     user: str | None
-    body: dict[str, Any]
+    body: Mapping[str, Any] = field(default_factory=dict)  # the decoded JSON (empty for multipart)
+
+
+def parse_request(kind: str, raw: bytes, content_type: str | None = None) -> ParsedRequest:
+    """Read ``model``/``stream``/``user`` from a body; raise GatewayError (400) when it cannot be routed.
+
+    ``kind`` is JSON_BODY or MULTIPART_BODY (then ``content_type`` carries the boundary).
+    """
+    if kind == MULTIPART_BODY:
+        return parse_multipart(raw, content_type or "")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_json") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"Request body must be a JSON object, not {_type_name(body)}.", code="invalid_json")
+    model = _model(body.get("model"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request(
+            f"The 'stream' field must be a boolean, not {_type_name(stream)}.", param="stream", code="invalid_type"
+        )
+    user = body.get("user")
+    return ParsedRequest(model, stream is True, user if isinstance(user, str) else None, body)
+
+
+def _model(value: object) -> str:
+    if value is None:
+        raise bad_request("The 'model' field is required.", param="model", code="missing_required_parameter")
+    if not isinstance(value, str) or not value:
+        raise bad_request("The 'model' field must be a non-empty string.", param="model", code="invalid_type")
+    return value
+
+
+def _too_deep() -> GatewayError:
+    # json refuses nesting deeper than the interpreter's recursion limit (about 1000 levels).
+    return bad_request("Request body is nested too deeply.", code="invalid_json")
 
 
 def _type_name(value: object) -> str:
@@ -44,114 +92,137 @@ def _type_name(value: object) -> str:
     return "object"
 
 
-def parse_request(kind: str, raw: bytes) -> ParsedRequest:
-    """Parse and check a request body; raise GatewayError (400) when it is malformed."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_json") from None
-    try:
-        body = json.loads(text)
-    except RecursionError:
-        raise bad_request("Request body is nested too deeply.", code="invalid_json") from None
-    except ValueError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request(f"Request body must be a JSON object, not {_type_name(body)}.", code="invalid_json")
-
-    model = body.get("model")
-    if model is None:
-        raise bad_request("The 'model' field is required.", param="model", code="missing_required_parameter")
-    if not isinstance(model, str) or not model:
-        raise bad_request("The 'model' field must be a non-empty string.", param="model", code="invalid_type")
-
-    if kind == CHAT:
-        messages = body.get("messages")
-        if messages is None:
-            raise bad_request("The 'messages' field is required.", param="messages", code="missing_required_parameter")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("The 'messages' field must be a non-empty array.", param="messages", code="invalid_type")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise bad_request(
-                    f"messages[{index}] must be an object with a string 'role'.",
-                    param=f"messages[{index}]",
-                    code="invalid_type",
-                )
-    elif kind == COMPLETIONS:
-        _require_text_or_array(body, "prompt")
-    elif kind == EMBEDDINGS:
-        _require_text_or_array(body, "input")
-
-    for name in _BOOLEAN_FIELDS:
-        value = body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise _wrong_type(name, "a boolean", value)
-    for name in _INTEGER_FIELDS:
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise _wrong_type(name, "an integer", value)
-    for name in _NUMBER_FIELDS:
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise _wrong_type(name, "a number", value)
-    stop = body.get("stop")
-    if (
-        stop is not None
-        and not isinstance(stop, str)
-        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
-    ):
-        raise _wrong_type("stop", "a string or an array of strings", stop)
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise _wrong_type("stream_options", "an object", stream_options)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _wrong_type("user", "a string", user)
-
-    return ParsedRequest(model=model, stream=body.get("stream") is True, user=user, body=body)
+def multipart_boundary(content_type: str) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` content type, or None."""
+    media_type, _, parameters = content_type.partition(";")
+    if media_type.strip().lower() != "multipart/form-data":
+        return None
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.strip().partition("=")
+        if name.strip().lower() == "boundary":
+            value = value.strip().strip('"')
+            if value and len(value) <= 200:
+                try:
+                    return value.encode("ascii")
+                except UnicodeEncodeError:
+                    return None
+    return None
 
 
-def _require_text_or_array(body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
+def multipart_fields(raw: bytes, boundary: bytes, wanted: tuple[bytes, ...] = _MULTIPART_FIELDS) -> dict[str, bytes]:
+    """The values of the ``wanted`` form fields; other parts (the audio file) are skipped, not copied."""
+    delimiter = b"--" + boundary
+    found: dict[str, bytes] = {}
+    position = raw.find(delimiter)
+    while position >= 0 and len(found) < len(wanted):
+        start = position + len(delimiter)
+        if raw.startswith(b"--", start):
+            break  # the closing delimiter
+        headers_end = raw.find(b"\r\n\r\n", start)
+        if headers_end < 0:
+            break
+        following = raw.find(b"\r\n" + delimiter, headers_end + 4)
+        if following < 0:
+            break
+        name = _part_name(raw[start:headers_end])
+        if name is not None and name in wanted:
+            found.setdefault(name.decode("ascii"), raw[headers_end + 4 : following])
+        position = following + 2
+    return found
+
+
+def _part_name(headers: bytes) -> bytes | None:
+    for line in headers.split(b"\r\n"):
+        header, _, value = line.partition(b":")
+        if header.strip().lower() != b"content-disposition":
+            continue
+        for parameter in value.split(b";")[1:]:
+            key, _, quoted = parameter.strip().partition(b"=")
+            if key.strip().lower() == b"name":
+                return quoted.strip().strip(b'"')
+    return None
+
+
+def parse_multipart(raw: bytes, content_type: str) -> ParsedRequest:
+    boundary = multipart_boundary(content_type)
+    if boundary is None:
+        raise bad_request("This path takes a multipart/form-data body (with a boundary).", code="invalid_content_type")
+    fields = multipart_fields(raw, boundary)
+    value = fields.get("model")
     if value is None:
-        raise bad_request(f"The '{name}' field is required.", param=name, code="missing_required_parameter")
-    if not isinstance(value, str | list):
-        raise _wrong_type(name, "a string or an array", value)
-
-
-def _wrong_type(name: str, expected: str, value: object) -> Exception:
-    return bad_request(
-        f"The '{name}' field must be {expected}, not {_type_name(value)}.", param=name, code="invalid_type"
+        raise bad_request("The 'model' form field is required.", param="model", code="missing_required_parameter")
+    try:
+        model = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("The 'model' form field is not valid UTF-8.", param="model", code="invalid_type") from None
+    user = fields.get("user")
+    return ParsedRequest(
+        _model(model),
+        fields.get("stream", b"").strip().lower() == b"true",
+        user.decode("utf-8", "replace") if user is not None else None,
     )
 
 
-def prompt_prefix(kind: str, body: dict[str, Any], limit: int) -> str:
-    """The first ``limit`` characters of the prompt: the key for prefix affinity."""
-    if kind == CHAT:
-        parts: list[str] = []
-        size = 0
-        for message in body.get("messages") or ():
-            content = message.get("content") if isinstance(message, dict) else None
-            for text in _texts(content):
-                parts.append(text)
-                size += len(text)
-                if size >= limit:
-                    return "\x1e".join(parts)[:limit]
-        return "\x1e".join(parts)[:limit]
-    value = body.get("prompt" if kind == COMPLETIONS else "input")
-    if isinstance(value, list) and value and isinstance(value[0], str | list):
-        value = value[0]  # a batch: the first prompt decides
+def prompt_prefix(body: Mapping[str, Any], limit: int) -> str:
+    """The first ``limit`` characters of the prompt: the key for prefix affinity.
+
+    Whatever the path calls its prompt (``messages``, ``prompt``, ``input``, ``query``, ...);
+    the Responses API's ``instructions`` come first, as a system message would.
+    """
+    parts: list[str] = []
+    size = 0
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        parts.append(instructions)
+        size = len(instructions)
+    for name in _PREFIX_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        ids = _token_ids(value, limit)
+        if ids is not None:
+            return ids  # token ids: the first ``limit`` tokens
+        for text in _texts(value, limit - size):
+            parts.append(text)
+            size += len(text)
+            if size >= limit:
+                break
+        break
+    return "\x1e".join(parts)[:limit]
+
+
+def _texts(value: object, budget: int) -> list[str]:
+    """Text pieces of a prompt value, in order, until ``budget`` characters are collected."""
     if isinstance(value, str):
-        return value[:limit]
-    if isinstance(value, list):  # token ids
-        return ",".join(str(token) for token in value[:limit])
-    return ""
+        return [value]
+    while isinstance(value, list) and value and isinstance(value[0], str | list):
+        value = value[0]  # a batch: the first prompt decides (a loop: nesting may be deep)
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return []
+    texts: list[str] = []
+    size = 0
+    for item in value:  # messages or Responses input items
+        content = item.get("content") if isinstance(item, dict) else None
+        pieces = [content] if isinstance(content, str) else _content_texts(content)
+        for piece in pieces:
+            texts.append(piece)
+            size += len(piece)
+            if size >= budget:
+                return texts
+    return texts
 
 
-def _texts(content: object) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
-    return []
+def _token_ids(value: object, limit: int) -> str | None:
+    while isinstance(value, list) and value and isinstance(value[0], list):
+        value = value[0]
+    if isinstance(value, list) and value and isinstance(value[0], int) and not isinstance(value[0], bool):
+        return ",".join(str(token) if isinstance(token, int) else "?" for token in value[:limit])
+    return None
+
+
+def _content_texts(content: object) -> list[str]:
+    if not isinstance(content, list):
+        return []
+    return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]

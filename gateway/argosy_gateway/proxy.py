@@ -18,7 +18,7 @@ from typing import Any
 from argosy_gateway import errors
 from argosy_gateway.errors import GatewayError
 from argosy_gateway.metrics import UNKNOWN_MODEL
-from argosy_gateway.parsing import ParsedRequest, parse_request, prompt_prefix
+from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
@@ -28,6 +28,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,20 @@ class _ClientGone(Exception):
 
 
 class _Attempt(Exception):
-    """A failed upstream attempt before any byte reached the client (may be retried)."""
+    """A failed upstream attempt before any byte reached the client (may be retried).
 
-    def __init__(self, reason: str, error: GatewayError, retryable: bool) -> None:
+    ``answer`` is the model server's own answer (a 502/503 and its headers and body), which
+    the client gets unchanged when no retry is left.
+    """
+
+    def __init__(
+        self, reason: str, error: GatewayError, retryable: bool, answer: tuple[int, Headers, bytes] | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error = error
         self.retryable = retryable
+        self.answer = answer
 
 
 class _StreamSilent(Exception):
@@ -115,12 +123,24 @@ async def send_error(send: Send, error: GatewayError) -> None:
 
 
 class ProxyEndpoint:
-    """ASGI app for one OpenAI path (``/v1/chat/completions`` and friends)."""
+    """ASGI app for one model-addressed path (``/v1/chat/completions`` and friends).
 
-    def __init__(self, runtime: GatewayRuntime, kind: str, path: str) -> None:
+    ``kind`` is the body format (parsing.JSON_BODY or MULTIPART_BODY). ``on_answer``, when
+    set, sees the model, the endpoint and the first bytes of every 200 answer (the Responses API uses
+    it to remember which replica stored a response).
+    """
+
+    def __init__(
+        self,
+        runtime: GatewayRuntime,
+        kind: str,
+        path: str,
+        on_answer: Callable[[str, str, bytes], None] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.kind = kind
         self.path = path
+        self.on_answer = on_answer
         self._addresses: dict[str, bytes] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -134,7 +154,7 @@ class ProxyEndpoint:
         try:
             try:
                 content_length = -1
-                authorization = session_id = None
+                authorization = session_id = content_type = None
                 forwarded: dict[str, str] = {"Content-Type": "application/json"}
                 for name, value in scope["headers"]:
                     if name == b"content-length":
@@ -143,16 +163,22 @@ class ProxyEndpoint:
                         authorization = value
                     elif name == b"x-session-id":
                         session_id = value.decode("latin-1")
+                    elif name == b"content-type":
+                        content_type = value.decode("latin-1")
                     elif name in _FORWARDED_REQUEST_HEADERS:
                         forwarded[name.decode()] = value.decode("latin-1")
+                if self.kind == MULTIPART_BODY and content_type is not None:
+                    forwarded["Content-Type"] = content_type  # the boundary must reach vLLM
                 key = runtime.authenticate(authorization)
                 limit = runtime.settings.max_body_bytes
                 if content_length > limit:
                     raise errors.body_too_large(limit)
                 body = await _read_body(receive, limit)
-                parsed = parse_request(self.kind, body)
+                parsed = parse_request(self.kind, body, content_type)
                 route = runtime.table.get(parsed.model)
                 if route is None:
+                    if not runtime.loaded:
+                        raise errors.routes_not_loaded(runtime.settings.retry_after_seconds)
                     names = runtime.table.model_names()
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
@@ -199,7 +225,7 @@ class ProxyEndpoint:
         policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
         affinity: str | None = None
         if policy.needs == "prefix":
-            affinity = prompt_prefix(self.kind, parsed.body, runtime.settings.prefix_chars)
+            affinity = prompt_prefix(parsed.body, runtime.settings.prefix_chars)
         elif policy.needs == "session":
             affinity = session_id or parsed.user
         tried: list[str] = []
@@ -215,6 +241,8 @@ class ProxyEndpoint:
                 tried.append(endpoint)
                 more = any(e not in tried for e in route.endpoints)
                 if not (failed.retryable and retries_left > 0 and more):
+                    if failed.answer is not None:
+                        return await _send_answer(send, exchange, *failed.answer)
                     raise failed.error from None
                 retries_left -= 1
                 runtime.metrics.retries.labels(route.name).inc()
@@ -261,6 +289,7 @@ class ProxyEndpoint:
                             f"HTTP {status}",
                             errors.upstream_failed(f"The model server answered HTTP {status}."),
                             retryable=True,
+                            answer=await _retryable_answer(response, address),
                         )
                     content_type = response.header("content-type") or "application/json"
                     is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
@@ -291,6 +320,8 @@ class ProxyEndpoint:
                 ) from None
 
             runtime.health.record_success(endpoint)
+            if self.on_answer is not None and status == 200:
+                self.on_answer(model, endpoint, first)
             response_headers = [
                 (b"content-type", content_type.encode("latin-1")),
                 (b"x-argosy-endpoint", address),
@@ -374,6 +405,30 @@ class ProxyEndpoint:
                 self._addresses.clear()
             address = self._addresses[endpoint] = endpoint_address(endpoint).encode()
         return address
+
+
+async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple[int, Headers, bytes] | None:
+    """A 502/503 answer kept to pass on if no retry is left; None if it cannot be read."""
+    try:
+        body = await response.read()
+    except UpstreamError:
+        return None
+    headers = [
+        (b"content-type", (response.header("content-type") or "application/json").encode("latin-1")),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-argosy-endpoint", address),
+    ]
+    retry_after = response.header("retry-after")
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode("latin-1")))
+    return response.status, headers, body
+
+
+async def _send_answer(send: Send, exchange: _Exchange, status: int, headers: Headers, body: bytes) -> int:
+    exchange.stop_watching()
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
+import aiohttp
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
+from argosy_gateway import errors
 from argosy_gateway.errors import GatewayError, error_body, model_not_found
-from argosy_gateway.parsing import CHAT, COMPLETIONS, EMBEDDINGS
+from argosy_gateway.parsing import JSON_BODY, MULTIPART_BODY
 from argosy_gateway.proxy import ProxyEndpoint
-from argosy_gateway.routetable import ModelRoute
+from argosy_gateway.responsestore import ResponseLocations
+from argosy_gateway.routetable import ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.upstream import create_session
 
-PROXY_PATHS = {
-    "/v1/chat/completions": CHAT,
-    "/v1/completions": COMPLETIONS,
-    "/v1/embeddings": EMBEDDINGS,
-}
+# Every model-addressed path of vLLM's OpenAI server (vllm/entrypoints/openai/api_server.py
+# and its routers), by body format. Each is routed by its ``model`` and passed through as is.
+JSON_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",  # vLLM's Anthropic Messages API
+    "/v1/rerank",
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/score",
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/classify",
+)
+MULTIPART_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+PROXY_PATHS = {**dict.fromkeys(JSON_PATHS, JSON_BODY), **dict.fromkeys(MULTIPART_PATHS, MULTIPART_BODY)}
+RESPONSES_PATH = "/v1/responses"
+_FORWARDED_LOOKUP_HEADERS = ("x-request-id", "traceparent", "tracestate", "accept")
 
 
 def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -47,11 +69,102 @@ def models_payload(runtime: GatewayRuntime, allowed: frozenset[str] | None) -> d
     return {"object": "list", "data": data}
 
 
-def install_routes(app: FastAPI, runtime: GatewayRuntime) -> dict[str, ProxyEndpoint]:
-    """Add every route; return the proxy endpoints by path (for the app's fast dispatch)."""
+class StoredResponses:
+    """``GET``/``DELETE /v1/responses/{id}`` and ``POST .../cancel``: sent to the replica that stored it.
+
+    The lookup requests are rare, so they use their own small session (opened on first use,
+    closed with the app) instead of the hot path's upstream client.
+    """
+
+    def __init__(self, runtime: GatewayRuntime, locations: ResponseLocations) -> None:
+        self.runtime = runtime
+        self.locations = locations
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(self, request: Request, response_id: str, suffix: str) -> Response:
+        runtime = self.runtime
+        try:
+            key = runtime.authenticate(request.headers.get("authorization", "").encode("latin-1") or None)
+            stored = self.locations.get(response_id)
+            if stored is None or (key is not None and not key.allows(stored.model)):
+                raise GatewayError(
+                    404,
+                    f"No response with id '{response_id[:200]}' is known to this gateway: it keeps the "
+                    "replica of the responses it proxied (bounded, in memory, per gateway process).",
+                    param="response_id",
+                    code="response_not_found",
+                )
+            if stored.endpoint not in (runtime.table.get(stored.model) or _NO_ROUTE).endpoints:
+                raise GatewayError(
+                    404,
+                    f"The replica that stored response '{response_id[:200]}' no longer serves it.",
+                    param="response_id",
+                    code="response_not_found",
+                )
+        except GatewayError as error:
+            return _error(error)
+        if self._session is None:
+            self._session = create_session(runtime.settings)
+        headers = {name: request.headers[name] for name in _FORWARDED_LOOKUP_HEADERS if name in request.headers}
+        if "content-type" in request.headers:
+            headers["content-type"] = request.headers["content-type"]
+        url = f"{stored.endpoint}{RESPONSES_PATH}/{response_id}{suffix}"
+        if request.url.query:
+            url += "?" + request.url.query
+        try:
+            upstream = await self._session.request(request.method, url, data=await request.body(), headers=headers)
+        except (aiohttp.ClientError, OSError) as exc:
+            return _error(errors.upstream_failed(f"Cannot reach the replica that stored the response: {exc}."))
+        if request.method == "DELETE" and upstream.status == 200:
+            self.locations.forget(response_id)
+        content_type = upstream.headers.get("content-type", "application/json")
+        passed = {"x-argosy-endpoint": endpoint_address(stored.endpoint)}
+        if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
+            return StreamingResponse(_relay(upstream), upstream.status, passed, media_type=content_type)
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            return _error(errors.upstream_failed(f"The replica failed while answering: {exc}."))
+        finally:
+            upstream.release()
+        return Response(body, upstream.status, passed, media_type=content_type)
+
+
+_NO_ROUTE = ModelRoute("", ())
+
+
+async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, OSError):
+        return
+    finally:
+        upstream.close()
+
+
+def install_routes(app: FastAPI, runtime: GatewayRuntime) -> tuple[dict[str, ProxyEndpoint], StoredResponses]:
+    """Add every route; return the proxy endpoints by path (for the app's fast dispatch) and
+    the stored-response lookups (closed with the app)."""
+    locations = ResponseLocations(runtime.settings.max_remembered_responses)
     proxies = {path: ProxyEndpoint(runtime, kind, path) for path, kind in PROXY_PATHS.items()}
+    proxies[RESPONSES_PATH].on_answer = lambda model, endpoint, first: locations.remember(model, endpoint, first)
     for path, endpoint in proxies.items():
         app.router.routes.append(Route(path, endpoint, methods=["POST"], include_in_schema=False))
+    stored = StoredResponses(runtime, locations)
+
+    @app.api_route(RESPONSES_PATH + "/{response_id}", methods=["GET", "DELETE"])
+    async def stored_response(response_id: str, request: Request) -> Response:
+        return await stored.forward(request, response_id, "")
+
+    @app.post(RESPONSES_PATH + "/{response_id}/cancel")
+    async def cancel_response(response_id: str, request: Request) -> Response:
+        return await stored.forward(request, response_id, "/cancel")
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -89,6 +202,8 @@ def install_routes(app: FastAPI, runtime: GatewayRuntime) -> dict[str, ProxyEndp
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(errors.unknown_path(request.method, request.url.path))
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return Response(
@@ -98,4 +213,4 @@ def install_routes(app: FastAPI, runtime: GatewayRuntime) -> dict[str, ProxyEndp
             media_type="application/json",
         )
 
-    return proxies
+    return proxies, stored

@@ -74,7 +74,8 @@ class GatewayRuntime:
             self.metrics.key_rejections.labels(key.name, "model_not_allowed").inc()
             raise forbidden(model)
         if key.requests_per_minute is not None:
-            wait = self.buckets.acquire(key.name, key.requests_per_minute, time.monotonic())
+            # By the key's hash, never its name: two keys never share (or reset) a bucket.
+            wait = self.buckets.acquire(key.sha256, key.requests_per_minute, time.monotonic())
             if wait:
                 self.metrics.key_rejections.labels(key.name, "rate_limited").inc()
                 raise rate_limited(wait)

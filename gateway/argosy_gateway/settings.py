@@ -43,6 +43,9 @@ class GatewaySettings(BaseSettings):
     retry_after_seconds: int = Field(2, ge=1)
     prefix_chars: int = Field(256, ge=1)
     prefix_load_factor: float = Field(1.25, ge=1.0)
+    max_remembered_responses: int = Field(
+        100_000, ge=1, description="Responses API ids remembered to route GET/DELETE /v1/responses/{id}"
+    )
 
     # Client side
     client_keepalive_seconds: float = Field(
@@ -54,7 +57,6 @@ class GatewaySettings(BaseSettings):
     api_keys_poll_seconds: float = Field(5.0, gt=0)
 
     log_level: str = "INFO"
-    opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry tracing and metrics")
 
     @field_validator("default_policy")
     @classmethod

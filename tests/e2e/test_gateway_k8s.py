@@ -1,6 +1,6 @@
 """The gateway's Kubernetes discovery against the sandbox: real watches, real sockets.
 
-The gateway runs as its own process (``argosy-gateway``, kopf embedded), the pod runner
+The gateway runs as its own process (``argosy-gateway``, lightkube LIST + watch), the pod runner
 starts a vLLM simulator on every serving pod's IP, and the OpenAI SDK calls the gateway.
 """
 
@@ -10,8 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,9 @@ import pytest
 from argosy_sandbox.cluster import Sandbox, free_port
 from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240), pytest.mark.usefixtures("crd")]
 
 BIN = Path(sys.executable).parent
-
 
 
 # Inline config.json facts (an 8B, Llama-shaped model), so the operator never looks anything up
@@ -86,8 +87,8 @@ def serving_pod(name: str, served: list[str], deployment: str) -> dict[str, Any]
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, port: int | None = None) -> None:
+        self.port = port if port is not None else free_port()
         env = dict(os.environ)
         env.update(
             {
@@ -198,8 +199,9 @@ def test_discovery_follows_serving_pods_and_llmdeployments(
     # The pod turns NotReady (as a failing readiness probe would make it), then Ready again.
     def set_ready(value: str) -> float:
         patch = json.dumps({"status": {"conditions": [{"type": "Ready", "status": value}]}})
-        sandbox.kubectl("patch", "pod", "solo-0", "-n", namespace, "--subresource=status",
-                        "--type=strategic", "-p", patch)
+        sandbox.kubectl(
+            "patch", "pod", "solo-0", "-n", namespace, "--subresource=status", "--type=strategic", "-p", patch
+        )
         return time.monotonic()
 
     unready_at = set_ready("False")
@@ -267,3 +269,96 @@ def test_operator_and_gateway_serve_two_models_and_follow_scaling(
             operator.kill()
             operator.wait()
         operator_log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _listed(url: str) -> dict[str, dict[str, Any]]:
+    with urllib.request.urlopen(url + "/v1/models", timeout=2) as response:
+        return {entry["id"]: entry["argosy"] for entry in json.loads(response.read())["data"]}
+
+
+def _completion_status(url: str, model: str) -> int:
+    body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1}).encode()
+    request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        time.sleep(0.02)  # not listening (between the two processes): do not spin
+        return 0
+
+
+def test_a_restarted_gateway_never_answers_404_for_a_model_that_exists(
+    sandbox: Sandbox, kubeconfig: Path, namespace: str, pod_runner: PodRunner, tmp_path: Path
+) -> None:
+    models = [f"m{index:02d}" for index in range(20)]
+    objects = [llm_deployment(name) for name in models]
+    # Four serving pods, five models each: every model is served without twenty processes.
+    for group in range(4):
+        names = models[group * 5 : group * 5 + 5]
+        objects.append(serving_pod(f"server-{group}", names, names[0]))
+    sandbox.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = GatewayProcess(kubeconfig, namespace, tmp_path / "gateway-0.log", port)
+    try:
+        assert wait_for(lambda: all(_completion_status(url, m) == 200 for m in models), 60), (
+            gateway.log_path.read_text()
+        )
+        statuses: Counter[int] = Counter()
+        not_found: list[str] = []
+        partial_when_ready: list[int] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            index = 0
+            while not stop.is_set():
+                model = models[index % len(models)]
+                status = _completion_status(url, model)
+                statuses[status] += 1
+                if status == 404:
+                    not_found.append(model)
+                index += 1
+
+        def readiness() -> None:
+            was_ready = True
+            while not stop.is_set():
+                ready = _ready(url)
+                if ready and not was_ready:  # readiness just turned true: the table must be complete
+                    listed = _listed(url)
+                    partial_when_ready.append(sum(1 for m in models if listed.get(m, {}).get("readyEndpoints")))
+                was_ready = ready
+                time.sleep(0.01)
+
+        threads = [threading.Thread(target=traffic) for _ in range(2)] + [threading.Thread(target=readiness)]
+        for thread in threads:
+            thread.start()
+        try:
+            for restart in range(1, 3):
+                time.sleep(1.0)
+                gateway.stop()
+                gateway = GatewayProcess(kubeconfig, namespace, tmp_path / f"gateway-{restart}.log", port)
+                assert wait_for(lambda: _ready(url), 30), gateway.log_path.read_text()
+                target = statuses[200] + 40
+                assert wait_for(lambda: statuses[200] > target, 30)  # noqa: B023 - waited on right here
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        print(f"requests during two restarts, by status: {dict(sorted(statuses.items()))}")
+        assert not_found == []
+        assert set(statuses) <= {200, 503, 0}  # served, "starting" (with Retry-After), or not listening
+        assert partial_when_ready == [20, 20]  # each time it turned ready, all twenty were routable
+    finally:
+        gateway.stop()

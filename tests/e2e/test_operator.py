@@ -29,8 +29,6 @@ from argosy_sandbox.pools import NodePool, node_manifests
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "manifests" / "crds" / "argosy.dev_llmdeployments.yaml"
 OPERATOR = Path(sys.executable).with_name("argosy-operator")
 DEADLINE = 60.0
 
@@ -52,18 +50,6 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
         time.sleep(0.25)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
-
-
-@pytest.fixture(scope="session")
-def crd(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> None:
-    # Rendered from the models under test, which is what manifests/crds/ holds when it is
-    # current (a unit test fails when the committed copy is stale).
-    from argosy_operator import crd as crdgen
-
-    path = tmp_path_factory.mktemp("crd") / CRD_FILE.name
-    path.write_text(crdgen.render_manifest())
-    sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
 
 
 class Operator:

@@ -1,5 +1,5 @@
-"""What the gateway knows about the cluster, built from watch events. Pure: event dicts in,
-route tables out; no Kubernetes client, no kopf.
+"""What the gateway knows about the cluster, built from LISTs and watch events. Pure: object
+dicts in, route tables out; no Kubernetes client.
 
 The contract with the operator (docs/gateway.md):
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -34,6 +34,8 @@ SERVED_NAMES_ANNOTATION: Final = "argosy.dev/served-model-names"
 POLICY_ANNOTATION: Final = "argosy.dev/routing-policy"
 HTTP_PORT_NAME: Final = "http"
 DEFAULT_PORT: Final = 8000
+PODS: Final = "pods"
+DEPLOYMENTS: Final = "llmdeployments"
 POD_LABEL_SELECTOR: Final = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{ROLE_LABEL} in ({','.join(SERVING_ROLES)})"
 
 Body = Mapping[str, Any]
@@ -144,6 +146,25 @@ class ClusterState:
     def __init__(self) -> None:
         self.pods: dict[str, PodInfo] = {}
         self.deployments: dict[str, DeploymentInfo] = {}
+
+    def apply(self, resource: str, event_type: str | None, body: Body) -> bool:
+        """Apply one watch event to ``resource`` (PODS or DEPLOYMENTS); True when routes may change."""
+        if resource == PODS:
+            return self.apply_pod_event(event_type, body)
+        return self.apply_deployment_event(event_type, body)
+
+    def replace(self, resource: str, namespace: str | None, bodies: Iterable[Body]) -> None:
+        """A fresh LIST of ``resource`` in ``namespace`` (None: every namespace) replaces, in one
+        step, everything known of it there: objects deleted while no watch ran are gone."""
+        known: dict[str, Any] = self.pods if resource == PODS else self.deployments
+        info = pod_info if resource == PODS else deployment_info
+        fresh = {object_key(body): info(body) for body in bodies}
+        if namespace is None:
+            known.clear()
+        else:
+            for key in [k for k, v in known.items() if v.namespace == namespace]:
+                del known[key]
+        known.update(fresh)
 
     def apply_pod_event(self, event_type: str | None, body: Body) -> bool:
         """Apply one watch event (type ADDED/MODIFIED/DELETED, or None while listing).

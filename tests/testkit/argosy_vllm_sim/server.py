@@ -20,6 +20,7 @@ from types import TracebackType
 from aiohttp import web
 
 from argosy_vllm_sim.engine import TTFT_BUCKETS_S, Engine, PrefixCache, chained_block_hashes
+from argosy_vllm_sim.extra import ExtraEndpoints
 from argosy_vllm_sim.protocol import (
     CHARS_PER_TOKEN,
     DEFAULT_EMBEDDING_DIM,
@@ -435,6 +436,15 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/v1/models", simulator.list_models)
     app.router.add_get("/health", simulator.health)
     app.router.add_get("/metrics", simulator.metrics)
+    extra = ExtraEndpoints(
+        simulator.models,
+        config.max_model_len,
+        simulator._address,
+        lambda: simulator.engine.admit(1),
+        lambda: simulator.engine.release(1),
+    )
+    for method, path, handler in extra.routes():
+        app.router.add_route(method, path, handler)
     return app
 
 

@@ -25,7 +25,6 @@ from argosy_sandbox.cluster import free_port
 SIM_BIN = Path(sys.executable).with_name("argosy-vllm-sim")
 
 
-
 class Simulator:
     """One ``argosy-vllm-sim`` process on 127.0.0.1 (killable, like a real pod)."""
 
@@ -139,3 +138,61 @@ class RunningGateway:
         self.server.should_exit = True
         if self._task is not None:
             await asyncio.wait_for(self._task, 15)
+
+
+class RecordingTap:
+    """A pass-through in front of a model server that records what the backend received.
+
+    Each request (method, path with query, headers, body bytes) is kept in ``received``, then
+    forwarded as is; the answer streams back chunk by chunk. Works in front of the simulator
+    and in front of real vLLM alike.
+    """
+
+    def __init__(self, target: str) -> None:
+        from aiohttp import web
+
+        self.target = target
+        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
+        self.port = free_port()
+        self._session: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        await self._session.close()
+
+    def bodies(self, path: str) -> list[bytes]:
+        return [body for _, received_path, _, body in self.received if received_path.split("?")[0] == path]
+
+    async def _forward(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        self.received.append((request.method, request.path_qs, dict(request.headers), body))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(
+            request.method, self.target + request.path_qs, data=body, headers=headers
+        ) as upstream:
+            answer = web.StreamResponse(status=upstream.status)
+            for name in ("Content-Type", "Content-Encoding"):
+                if name in upstream.headers:
+                    answer.headers[name] = upstream.headers[name]
+            await answer.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await answer.write(chunk)
+            await answer.write_eof()
+            return answer

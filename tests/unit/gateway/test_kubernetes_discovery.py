@@ -1,4 +1,10 @@
-"""Kubernetes discovery: pod and LLMDeployment watch events in, route tables out."""
+"""Kubernetes discovery: pod and LLMDeployment LISTs and watch events in, route tables out.
+
+The pure state is tested directly. The LIST/watch loop is tested against a small stand-in
+for the API server's LIST and watch protocol, because the failures it must survive (410 Gone
+in the middle of a watch, a watch connection cut, a LIST that hangs) cannot be provoked on
+demand in a real API server; tests/e2e/test_gateway_k8s.py runs it against the sandbox's.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from argosy_gateway.discovery.cluster import POD_LABEL_SELECTOR, ClusterState
-from argosy_gateway.discovery.kubernetes import SETTLE_MAX_SECONDS, login_from_kubeconfig
+from aiohttp import web
+from argosy_gateway.discovery.cluster import DEPLOYMENTS, POD_LABEL_SELECTOR, PODS, ClusterState
+from argosy_gateway.discovery.kubernetes import load_kubeconfig
 from argosy_gateway.routetable import ModelRoute
 
 from .harness import free_port
@@ -172,29 +179,213 @@ def test_same_name_in_two_namespaces_serves_from_both() -> None:
     assert len(state.route_table(DEFAULT).get("m").endpoints) == 2  # type: ignore[union-attr]
 
 
-def test_kubeconfig_login_reads_the_current_context(tmp_path: Path) -> None:
-    (tmp_path / "ca.crt").write_text("x")
+def test_a_fresh_list_replaces_what_was_known_in_its_namespace_only() -> None:
+    state = ClusterState()
+    state.apply(PODS, None, pod("gone", "127.0.10.1", names=["m"], namespace="a"))
+    state.apply(PODS, None, pod("other", "127.0.10.2", names=["m"], namespace="b"))
+    state.replace(PODS, "a", [pod("new", "127.0.10.3", names=["m"], namespace="a")])
+    assert state.route_table(DEFAULT).get("m").endpoints == (  # type: ignore[union-attr]
+        "http://127.0.10.3:8000",
+        "http://127.0.10.2:8000",
+    )
+    state.replace(PODS, None, [])  # a cluster-wide LIST: nothing left
+    state.replace(DEPLOYMENTS, None, [llm_deployment("llama")])
+    assert state.route_table(DEFAULT).model_names() == ["llama"]
+
+
+def test_kubeconfig_credentials_come_from_the_current_context(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(
-        """
+    kubeconfig.write_text(KUBECONFIG.format(port=6443))
+    config = load_kubeconfig(kubeconfig)
+    assert config.get().cluster.server == "http://127.0.0.1:6443"
+    assert config.get().user.token == "secret-token"
+
+
+KUBECONFIG = """
 apiVersion: v1
 kind: Config
 current-context: sandbox
 contexts:
-  - {name: other, context: {cluster: nowhere, user: nobody}}
-  - {name: sandbox, context: {cluster: local, user: admin, namespace: team-a}}
+  - {{name: other, context: {{cluster: nowhere, user: nobody}}}}
+  - {{name: sandbox, context: {{cluster: local, user: admin, namespace: team-a}}}}
 clusters:
-  - {name: local, cluster: {server: "https://127.0.0.1:6443", certificate-authority: ca.crt}}
+  - {{name: nowhere, cluster: {{server: "http://127.0.0.1:1"}}}}
+  - {{name: local, cluster: {{server: "http://127.0.0.1:{port}"}}}}
 users:
-  - {name: admin, user: {token: secret-token, client-key-data: a2V5}}
+  - {{name: nobody, user: {{token: wrong}}}}
+  - {{name: admin, user: {{token: secret-token}}}}
 """
-    )
-    info = login_from_kubeconfig(kubeconfig)
-    assert info.server == "https://127.0.0.1:6443"
-    assert info.ca_path == str(tmp_path / "ca.crt")
-    assert info.token == "secret-token"
-    assert info.private_key_data == b"key"
-    assert info.default_namespace == "team-a"
+
+
+class FakeApiServer:
+    """LIST and watch of pods and LLMDeployments, driven by the test.
+
+    ``hold_lists`` (cleared) makes LISTs wait; ``watch_queues`` get one queue per open watch:
+    put an event dict to send it, ``"410"`` to send a 410 Gone ERROR event, or ``"cut"`` to drop
+    the connection.
+    """
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {PODS: {}, DEPLOYMENTS: {}}
+        self.version = 100
+        self.hold_lists = asyncio.Event()
+        self.hold_lists.set()
+        self.lists: list[str] = []
+        self.watches: dict[str, list[asyncio.Queue[Any]]] = {PODS: [], DEPLOYMENTS: []}
+        self.tokens: set[str] = set()
+        app = web.Application()
+        app.router.add_get("/api/v1/pods", self.handle)
+        app.router.add_get("/apis/argosy.dev/v1alpha1/llmdeployments", self.handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
+        self.port = free_port()
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    def put(self, resource: str, body: dict[str, Any]) -> None:
+        self.objects[resource][body["metadata"]["name"]] = body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.tokens.add(request.headers.get("Authorization", ""))
+        resource = PODS if request.path.endswith("/pods") else DEPLOYMENTS
+        if resource == PODS:
+            selector = request.query["labelSelector"]  # the serving pods only, selected by the API server
+            assert selector == "app.kubernetes.io/managed-by=argosy-operator,argosy.dev/role in (leader,server)"
+        if request.query.get("watch") != "true":
+            self.lists.append(resource)
+            await self.hold_lists.wait()
+            self.version += 1
+            items = [
+                dict(body, metadata=dict(body["metadata"], resourceVersion=str(self.version)))
+                for body in self.objects[resource].values()
+            ]
+            return web.json_response({"metadata": {"resourceVersion": str(self.version)}, "items": items})
+        response = web.StreamResponse()
+        response.content_type = "application/json"
+        await response.prepare(request)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.watches[resource].append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item == "cut":
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                if item == "410":
+                    status = {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "code": 410,
+                        "reason": "Expired",
+                        "message": "too old resource version",
+                    }
+                    event = {"type": "ERROR", "object": status}
+                else:
+                    event = item
+                    body = event["object"]
+                    self.version += 1
+                    body["metadata"]["resourceVersion"] = str(self.version)
+                await response.write(json.dumps(event).encode() + b"\n")
+                if item == "410":
+                    return response
+        finally:
+            self.watches[resource].remove(queue)
+
+    async def watching(self, resource: str) -> asyncio.Queue[Any]:
+        for _ in range(500):
+            if self.watches[resource]:
+                return self.watches[resource][-1]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no watch of {resource} was opened")
+
+
+@pytest.fixture
+async def api_server():
+    server = FakeApiServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def eventually(predicate, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    assert predicate()
+
+
+async def chat_status(gateway, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with aiohttp.ClientSession() as http, http.post(gateway.url + "/v1/chat/completions", json=body) as answer:
+        return answer.status
+
+
+def endpoints(gateway, model: str) -> tuple[str, ...] | None:
+    route = gateway.runtime.table.get(model)
+    return None if route is None else route.endpoints
+
+
+@pytest.mark.timeout(60)
+async def test_ready_only_after_the_first_full_list_and_never_404_before(
+    gateway_factory, api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    api_server.put(DEPLOYMENTS, llm_deployment("llama"))
+    api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
+    api_server.hold_lists.clear()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    await eventually(lambda: len(api_server.lists) == 2)
+    async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
+        assert response.status == 503
+    assert await chat_status(gateway, "llama") == 503  # "starting", never "no such model"
+    api_server.hold_lists.set()
+    await gateway.wait_loaded()
+    assert endpoints(gateway, "llama") == ("http://127.0.10.1:8000",)
+    assert api_server.tokens == {"Bearer secret-token"}  # the current context's user
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("failure", ["410", "cut"])
+async def test_a_failed_watch_relists_without_a_gap_in_routing(
+    gateway_factory, api_server: FakeApiServer, tmp_path: Path, failure: str
+) -> None:
+    api_server.put(DEPLOYMENTS, llm_deployment("llama"))
+    api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    await gateway.wait_loaded()
+    watch = await api_server.watching(PODS)
+
+    # Events flow: a second pod arrives, then starts draining (deletionTimestamp): it leaves at once.
+    watch.put_nowait({"type": "ADDED", "object": pod("p2", "127.0.10.2", names=["llama"])})
+    await eventually(lambda: endpoints(gateway, "llama") == ("http://127.0.10.1:8000", "http://127.0.10.2:8000"))
+    watch.put_nowait({"type": "MODIFIED", "object": pod("p2", "127.0.10.2", names=["llama"], deleting=True)})
+    await eventually(lambda: endpoints(gateway, "llama") == ("http://127.0.10.1:8000",))
+
+    # While no watch runs, p1 goes away and p3 comes; the re-LIST is held for a while.
+    del api_server.objects[PODS]["p1"]
+    api_server.put(PODS, pod("p3", "127.0.10.3", names=["llama"]))
+    lists_before = len(api_server.lists)
+    api_server.hold_lists.clear()
+    watch.put_nowait(failure)
+    await eventually(lambda: len(api_server.lists) > lists_before)
+    for _ in range(20):  # the old table keeps serving until the new LIST replaces it
+        assert endpoints(gateway, "llama") == ("http://127.0.10.1:8000",)
+        await asyncio.sleep(0.01)
+    api_server.hold_lists.set()
+    await eventually(lambda: endpoints(gateway, "llama") == ("http://127.0.10.3:8000",))
+    watch = await api_server.watching(PODS)  # and the watch resumed from the new LIST
+    watch.put_nowait({"type": "DELETED", "object": pod("p3", "127.0.10.3", names=["llama"])})
+    await eventually(lambda: endpoints(gateway, "llama") == ())
 
 
 @pytest.mark.timeout(60)
@@ -204,15 +395,10 @@ async def test_gateway_is_not_ready_while_the_api_server_cannot_be_read(
 ) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     if reachable_config:  # a valid file whose API server (on loopback) refuses connections
-        kubeconfig.write_text(
-            "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
-            f"clusters: [{{name: k, cluster: {{server: 'http://127.0.0.1:{free_port()}'}}}}]\n"
-            "users: [{name: u, user: {token: t}}]\n"
-        )
+        kubeconfig.write_text(KUBECONFIG.format(port=free_port()))
     gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
-    # Past the longest time discovery may wait for its first list to settle: a gateway that was
-    # going to declare itself ready (wrongly) would have done so by now.
-    await asyncio.sleep(SETTLE_MAX_SECONDS + 1)
+    await asyncio.sleep(2)  # several failed attempts
     async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
         assert response.status == 503
     assert not gateway.runtime.loaded
+    assert await chat_status(gateway, "llama") == 503
