@@ -246,8 +246,7 @@ class ProxyEndpoint:
         settings = runtime.settings
         address = self._address(endpoint)
         runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
-        in_flight = runtime.metrics.in_flight_child(model, address.decode())
-        in_flight.inc()
+        in_flight = runtime.metrics.started(model, address.decode())
         response: UpstreamResponse | None = None
         clean = False
         try:
@@ -320,6 +319,8 @@ class ProxyEndpoint:
             loop = asyncio.get_running_loop()
             watchdog = _SilenceWatchdog(loop, chunk_timeout, response)
             read_chunk = response.read_chunk
+            # One message dict for every event: the server reads it before send() returns.
+            event: Message = {"type": "http.response.body", "body": b"", "more_body": True}
             try:
                 while True:
                     try:
@@ -342,7 +343,8 @@ class ProxyEndpoint:
                         runtime.metrics.first_byte(model, perf_counter() - started)
                     previous, last = last, chunk
                     watchdog.sending = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    event["body"] = chunk
+                    await send(event)
                     watchdog.sending = False
                     watchdog.last_activity = loop.time()
             finally:
@@ -358,7 +360,7 @@ class ProxyEndpoint:
                 runtime.outstanding[endpoint] = count
             else:
                 runtime.outstanding.pop(endpoint, None)
-            in_flight.dec()
+            runtime.metrics.finished(in_flight)
             if response is not None:
                 if clean:
                     response.release()
