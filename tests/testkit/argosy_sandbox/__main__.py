@@ -59,7 +59,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{status.name:<25} {status.state:<10} {where:<12} {port}")
     if all(status.state == "running" for status in statuses):
         nodes = sandbox.kubectl(
-            "get", "nodes", "-o",
+            "get",
+            "nodes",
+            "-o",
             "custom-columns=NODE:.metadata.name,GPU:.metadata.labels.nvidia\\.com/gpu\\.product,"
             "ALLOCATABLE:.status.allocatable.nvidia\\.com/gpu,READY:.status.conditions[?(@.type=='Ready')].status",
             check=False,
@@ -76,7 +78,9 @@ def cmd_gomod(args: argparse.Namespace) -> int:
     module = build.GOMOD_DIR / "kubernetes"
     listing = subprocess.run(
         ["go", "mod", "download", "-json", f"k8s.io/kubernetes@{versions.KUBERNETES}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     upstream = Path(json.loads(listing.stdout)["GoMod"]).read_text()
     (module / "go.mod").write_text(kubernetes_wrapper_gomod(versions.KUBERNETES, upstream))
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     run_pods.add_argument("--selector", help="label selector of the pods (default: the operator's serving pods)")
     run_pods.add_argument("--namespace", help="namespace (default: all)")
     run_pods.add_argument(
-        "--vllm-sim", action="store_true",
+        "--vllm-sim",
+        action="store_true",
         help="run the vLLM simulator on port 8000 with the pod's served model names (instead of a template)",
     )
     run_pods.add_argument(

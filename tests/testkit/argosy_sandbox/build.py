@@ -58,9 +58,7 @@ class Component:
         return self.bin_dir / name
 
     def is_built(self) -> bool:
-        return (self.bin_dir / COMPLETE_MARKER).exists() and all(
-            self.binary(name).exists() for name in self.binaries
-        )
+        return (self.bin_dir / COMPLETE_MARKER).exists() and all(self.binary(name).exists() for name in self.binaries)
 
 
 ETCD = Component("etcd", versions.ETCD, ("etcd",))
@@ -177,7 +175,13 @@ def _count_packages(targets: list[str], cwd: Path | None, log) -> int | None:  #
 
 
 def _run_go(
-    name: str, args: list[str], cwd: Path | None, log, report: Reporter, total: int | None, env=None  # type: ignore[no-untyped-def]
+    name: str,
+    args: list[str],
+    cwd: Path | None,
+    log,
+    report: Reporter,
+    total: int | None,
+    env=None,  # type: ignore[no-untyped-def]
 ) -> None:
     """Run a go build/install with -v, turning its package lines into progress reports."""
     log.write(f"$ {' '.join(args)}  (in {cwd or os.getcwd()})\n")

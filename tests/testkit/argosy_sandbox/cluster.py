@@ -407,9 +407,7 @@ class Sandbox:
                 }
             ],
             "users": [{"name": pki.ADMIN_USER, "user": {"token": pki.admin_token(self.pki_dir)}}],
-            "contexts": [
-                {"name": "argosy-sandbox", "context": {"cluster": "argosy-sandbox", "user": pki.ADMIN_USER}}
-            ],
+            "contexts": [{"name": "argosy-sandbox", "context": {"cluster": "argosy-sandbox", "user": pki.ADMIN_USER}}],
             "current-context": "argosy-sandbox",
         }
 
@@ -521,17 +519,34 @@ class Sandbox:
         for name in set(existing) - wanted:
             self.kubectl("delete", "node", name, "--wait=false")
         # One apply for every node; status (capacity) only where it differs, so a warm `up` is cheap.
-        specs = {"apiVersion": "v1", "kind": "List",
-                 "items": [{key: value for key, value in node.items() if key != "status"} for node in manifests]}
-        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=argosy-sandbox",
-                     "-f", "-", input=json.dumps(specs))
+        specs = {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [{key: value for key, value in node.items() if key != "status"} for node in manifests],
+        }
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=argosy-sandbox",
+            "-f",
+            "-",
+            input=json.dumps(specs),
+        )
         for node in manifests:
             name = node["metadata"]["name"]
             current = (existing.get(name) or {}).get("status") or {}
             if all(current.get(key) == value for key, value in node["status"].items()):
                 continue
-            self.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
-                         "-p", json.dumps({"status": node["status"]}))
+            self.kubectl(
+                "patch",
+                "node",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                json.dumps({"status": node["status"]}),
+            )
         deadline = time.monotonic() + timeout
         while True:
             not_ready = self._not_ready_nodes(wanted)

@@ -66,8 +66,13 @@ def start_background(sandbox: Sandbox, name: str, argv: list[str], env: dict[str
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)} ====\n")
         log.flush()
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            cwd=REPO_ROOT,
         )
     pid_path.write_text(f"{process.pid}\n")
     return process.pid
@@ -101,18 +106,40 @@ def main() -> int:
 
         began = step(2, total, "helm install charts/argosy (CRDs, operator, gateway, RBAC) into the sandbox")
         result = subprocess.run(
-            [helm, "upgrade", "--install", "argosy", str(REPO_ROOT / "charts" / "argosy"),
-             "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--kubeconfig", kubeconfig,
-             # The CRD may already exist from `kubectl apply -f manifests/crds` or an earlier run.
-             # Taking it over means overriding whoever last wrote its ownership annotations.
-             "--take-ownership", "--force-conflicts", "--wait", "--timeout", "120s"],
-            capture_output=True, text=True, check=False,
+            [
+                helm,
+                "upgrade",
+                "--install",
+                "argosy",
+                str(REPO_ROOT / "charts" / "argosy"),
+                "--namespace",
+                RELEASE_NAMESPACE,
+                "--create-namespace",
+                "--kubeconfig",
+                kubeconfig,
+                # The CRD may already exist from `kubectl apply -f manifests/crds` or an earlier run.
+                # Taking it over means overriding whoever last wrote its ownership annotations.
+                "--take-ownership",
+                "--force-conflicts",
+                "--wait",
+                "--timeout",
+                "120s",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise DemoError(f"helm install failed:\n{result.stderr or result.stdout}")
-        pods = sandbox.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-o",
-                               "custom-columns=POD:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase",
-                               "--no-headers").stdout
+        pods = sandbox.kubectl(
+            "get",
+            "pods",
+            "-n",
+            RELEASE_NAMESPACE,
+            "-o",
+            "custom-columns=POD:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase",
+            "--no-headers",
+        ).stdout
         print("      the chart's pods, scheduled onto simulated nodes (no container runtime here, so no")
         print("      container runs in them; the operator and gateway run as local processes instead):")
         for line in pods.strip().splitlines():
@@ -122,33 +149,57 @@ def main() -> int:
         began = step(3, total, "operator and gateway as local processes against the sandbox")
         metrics_port = free_port()
         operator_pid = start_background(
-            sandbox, "operator",
-            [str(BIN / "argosy-operator"), "run", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE,
-             "--metrics-port", str(metrics_port)],
+            sandbox,
+            "operator",
+            [
+                str(BIN / "argosy-operator"),
+                "run",
+                "--kubeconfig",
+                kubeconfig,
+                "--namespace",
+                NAMESPACE,
+                "--metrics-port",
+                str(metrics_port),
+            ],
         )
         gateway_port = int(os.environ.get("ARGOSY_DEMO_GATEWAY_PORT") or free_port({metrics_port}))
         gateway_config = sandbox.state / "demo-gateway.yaml"
-        gateway_config.write_text(
-            f"discovery: kubernetes\nkubeconfig: {kubeconfig}\nnamespaces: [{NAMESPACE}]\n"
-        )
+        gateway_config.write_text(f"discovery: kubernetes\nkubeconfig: {kubeconfig}\nnamespaces: [{NAMESPACE}]\n")
         gateway_pid = start_background(
-            sandbox, "gateway",
-            [str(BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(gateway_port),
-             "--config", str(gateway_config)],
+            sandbox,
+            "gateway",
+            [
+                str(BIN / "argosy-gateway"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(gateway_port),
+                "--config",
+                str(gateway_config),
+            ],
         )
         gateway = f"http://127.0.0.1:{gateway_port}"
         wait(lambda: http_ok(f"{gateway}/healthz"), 60, "the gateway", sandbox.log_dir / "demo-gateway.log")
         done(began, f"operator pid {operator_pid}, gateway pid {gateway_pid} on {gateway}")
 
         began = step(4, total, f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)} (two models)")
+
         def namespace_not_terminating() -> bool:
             phase = sandbox.kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False)
             return phase.stdout != "Terminating"
 
         wait(namespace_not_terminating, 120, f"namespace {NAMESPACE} from an earlier demo to finish terminating")
         sandbox.kubectl("create", "namespace", NAMESPACE, check=False)
-        sandbox.kubectl("create", "secret", "generic", "hf-token", "-n", NAMESPACE,
-                        "--from-literal=token=demo-token-not-used", check=False)
+        sandbox.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "hf-token",
+            "-n",
+            NAMESPACE,
+            "--from-literal=token=demo-token-not-used",
+            check=False,
+        )
         sandbox.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
 
         def placed() -> bool:
@@ -158,15 +209,27 @@ def main() -> int:
         wait(placed, 90, "both LLMDeployments to report a ready replica", sandbox.log_dir / "demo-operator.log")
         for name, status in sorted(lld_status(sandbox).items()):
             placement = status.get("placement") or {}
-            print(f"      {name}: TP={placement.get('tensorParallelSize')} PP={placement.get('pipelineParallelSize')}"
-                  f" on {placement.get('gpuProduct')}; {placement.get('reason', '')}")
+            print(
+                f"      {name}: TP={placement.get('tensorParallelSize')} PP={placement.get('pipelineParallelSize')}"
+                f" on {placement.get('gpuProduct')}; {placement.get('reason', '')}"
+            )
         done(began)
 
         began = step(5, total, "vLLM simulator on each serving pod's IP (pod runner)")
         start_background(
-            sandbox, "pod-runner",
-            [sys.executable, "-m", "argosy_sandbox", "--state", str(sandbox.state), "run-pods",
-             "--namespace", NAMESPACE, "--vllm-sim"],
+            sandbox,
+            "pod-runner",
+            [
+                sys.executable,
+                "-m",
+                "argosy_sandbox",
+                "--state",
+                str(sandbox.state),
+                "run-pods",
+                "--namespace",
+                NAMESPACE,
+                "--vllm-sim",
+            ],
         )
 
         def serving_ips() -> list[str]:
@@ -177,8 +240,12 @@ def main() -> int:
             ips = serving_ips()
             return len(ips) >= len(MODELS) and all(http_ok(f"http://{ip}:8000/health") for ip in ips)
 
-        wait(simulators_answer, 60, "a simulator to answer on every serving pod's IP",
-             sandbox.log_dir / "demo-pod-runner.log")
+        wait(
+            simulators_answer,
+            60,
+            "a simulator to answer on every serving pod's IP",
+            sandbox.log_dir / "demo-pod-runner.log",
+        )
 
         def models_ready() -> bool:
             try:

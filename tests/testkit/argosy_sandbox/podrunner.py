@@ -63,8 +63,13 @@ def vllm_simulator_command(port: int = 8000, extra: Sequence[str] = ()) -> Comma
             names = []
         if not names:
             names = [pod["metadata"]["labels"].get("argosy.dev/deployment", pod["metadata"]["name"])]
-        argv = [str(Path(sys.executable).parent / "argosy-vllm-sim"), "--host", pod["status"]["podIP"],
-                "--port", str(port)]
+        argv = [
+            str(Path(sys.executable).parent / "argosy-vllm-sim"),
+            "--host",
+            pod["status"]["podIP"],
+            "--port",
+            str(port),
+        ]
         for name in names:
             argv += ["--model", str(name)]
         return argv + list(extra)
@@ -83,9 +88,7 @@ class RunningProcess:
 def _is_running(pod: dict[str, Any]) -> bool:
     status = pod.get("status") or {}
     return (
-        status.get("phase") == "Running"
-        and bool(status.get("podIP"))
-        and not pod["metadata"].get("deletionTimestamp")
+        status.get("phase") == "Running" and bool(status.get("podIP")) and not pod["metadata"].get("deletionTimestamp")
     )
 
 
@@ -155,9 +158,7 @@ class PodRunner:
                 pods, version = self._list()
                 self._reconcile_all(pods)
                 self._watch = watch.Watch()
-                lister = (
-                    self._api.list_namespaced_pod if self.namespace else self._api.list_pod_for_all_namespaces
-                )
+                lister = self._api.list_namespaced_pod if self.namespace else self._api.list_pod_for_all_namespaces
                 args = (self.namespace,) if self.namespace else ()
                 for event in self._watch.stream(
                     lister,
@@ -217,8 +218,9 @@ class PodRunner:
         if output is not subprocess.DEVNULL:
             output.close()
         self._processes[uid] = RunningProcess(metadata["namespace"], metadata["name"], pod["status"]["podIP"], process)
-        log.info("started %s for pod %s/%s on %s", argv[0], metadata["namespace"], metadata["name"],
-                 pod["status"]["podIP"])
+        log.info(
+            "started %s for pod %s/%s on %s", argv[0], metadata["namespace"], metadata["name"], pod["status"]["podIP"]
+        )
 
     def _stop_process(self, uid: str) -> None:
         entry = self._processes.pop(uid)
