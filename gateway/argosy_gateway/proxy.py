@@ -251,22 +251,24 @@ class ProxyEndpoint:
         clean = False
         try:
             try:
-                async with asyncio.timeout(settings.first_byte_timeout_seconds):
-                    response = await runtime.upstream.post(endpoint, self.path, body, headers)
-                    status = response.status
-                    if status in _RETRYABLE_STATUSES:
-                        self._failure(model, endpoint, f"status_{status}")
-                        raise _Attempt(
-                            f"HTTP {status}",
-                            errors.upstream_failed(f"The model server answered HTTP {status}."),
-                            retryable=True,
-                        )
-                    content_type = response.header("content-type") or "application/json"
-                    is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
-                    if is_stream:
-                        first = await response.read_chunk()
-                    else:
-                        first = await response.read()
+                # The first-byte deadline is one timer in the client, armed when the request is sent.
+                response = await runtime.upstream.post(
+                    endpoint, self.path, body, headers, settings.first_byte_timeout_seconds
+                )
+                status = response.status
+                if status in _RETRYABLE_STATUSES:
+                    self._failure(model, endpoint, f"status_{status}")
+                    raise _Attempt(
+                        f"HTTP {status}",
+                        errors.upstream_failed(f"The model server answered HTTP {status}."),
+                        retryable=True,
+                    )
+                content_type = response.header("content-type") or "application/json"
+                is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
+                if is_stream:
+                    first = await response.read_chunk()
+                else:
+                    first = await response.read()
             except UpstreamConnectError as exc:
                 self._failure(model, endpoint, "connect")
                 raise _Attempt(

@@ -79,8 +79,19 @@ class UpstreamResponse(Protocol):
 
 
 class Upstream(Protocol):
-    async def post(self, endpoint: str, path: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
-        """POST ``body`` to ``endpoint + path``; returns once the response headers arrived."""
+    async def post(
+        self,
+        endpoint: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        first_byte_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``endpoint + path``; returns once the response headers arrived.
+
+        With ``first_byte_timeout``, the wait for the headers and the first body bytes (the
+        whole body, for ``read``) raises ``TimeoutError`` after that many seconds.
+        """
 
     async def close(self) -> None: ...
 
@@ -108,6 +119,7 @@ class _Connection(asyncio.Protocol):
         "_headers_future",
         "_parser",
         "_paused",
+        "_timer",
         "_until_close",
         "_waiter",
         "closed",
@@ -126,6 +138,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._headers_future: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._body: deque[bytes] = deque()
@@ -204,6 +217,9 @@ class _Connection(asyncio.Protocol):
             future.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._body.append(body)
         self._body_size += len(body)
         if self._body_size > _READ_HIGH_WATER and not self._paused and self.transport is not None:
@@ -221,7 +237,7 @@ class _Connection(asyncio.Protocol):
 
     # -- the request --------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[None]:
+    def send(self, head: bytes, body: bytes, timeout: float | None) -> asyncio.Future[None]:
         """Write one request; the future resolves when its response headers arrived."""
         self._parser = httptools.HttpResponseParser(self)
         self._body.clear()
@@ -232,6 +248,8 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self.status = 0
         future = self._headers_future = self.loop.create_future()
+        if timeout is not None:
+            self._timer = self.loop.call_later(max(0.0, timeout), self._first_byte_overdue)
         transport = self.transport
         assert transport is not None
         if len(body) < _LARGE_BODY:
@@ -241,7 +259,14 @@ class _Connection(asyncio.Protocol):
             transport.write(body)
         return future
 
+    def _first_byte_overdue(self) -> None:
+        self._timer = None
+        self._set_exception(TimeoutError())
+
     def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._done = True
         waiter = self._waiter
         if waiter is not None:
@@ -250,6 +275,9 @@ class _Connection(asyncio.Protocol):
                 waiter.set_result(None)
 
     def _set_exception(self, exc: BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._exception = exc
         for future in (self._headers_future, self._waiter):
             if future is not None and not future.done():
@@ -315,6 +343,9 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()  # connection_lost follows and updates the pool
 
@@ -504,14 +535,27 @@ class PooledUpstream:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    async def post(self, endpoint: str, path: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def post(
+        self,
+        endpoint: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        first_byte_timeout: float | None = None,
+    ) -> UpstreamResponse:
         if self.closing:
             raise UpstreamConnectError("the gateway is shutting down")
         pool = self._pool(endpoint)
         head = pool.head(path, len(body), headers)
-        connection = await self._acquire(pool)
+        connection = pool.take_idle()
+        if connection is None:  # a new connection, or a wait at the limits: within the deadline too
+            started = self.loop.time()
+            async with asyncio.timeout(first_byte_timeout):
+                connection = await self._acquire(pool)
+            if first_byte_timeout is not None:
+                first_byte_timeout -= self.loop.time() - started
         try:
-            await connection.send(head, body)
+            await connection.send(head, body, first_byte_timeout)
         except BaseException:
             connection.close()
             raise

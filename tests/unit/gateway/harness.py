@@ -25,7 +25,6 @@ from argosy_sandbox.cluster import free_port
 SIM_BIN = Path(sys.executable).with_name("argosy-vllm-sim")
 
 
-
 class Simulator:
     """One ``argosy-vllm-sim`` process on 127.0.0.1 (killable, like a real pod)."""
 

@@ -394,3 +394,28 @@ async def test_the_gateway_answers_a_client_that_expects_100_continue(
     ):
         assert reply.status == 200
         assert (await reply.json())["usage"]["completion_tokens"] == 3
+
+
+async def test_first_byte_timeout_covers_the_headers_and_the_first_body_bytes_only() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        if peer.index == 0:
+            await peer.reader.read()  # never answers
+            return
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.1)
+        await peer.send(b"5\r\nfirst\r\n")
+        await asyncio.sleep(0.3)  # later chunks may take longer than the first-byte timeout
+        await peer.send(b"4\r\nlast\r\n0\r\n\r\n")
+
+    async with ScriptedServer(handler) as server, client() as upstream:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await upstream.post(server.url, "/v1/completions", b"{}", JSON, 0.2)
+        assert 0.15 < loop.time() - started < 1.0
+        reply = await upstream.post(server.url, "/v1/completions", b"{}", JSON, 0.2)
+        assert await reply.read_chunk() == b"first"
+        assert await reply.read_chunk() == b"last"
+        assert await reply.read_chunk() == b""
+        reply.release()
