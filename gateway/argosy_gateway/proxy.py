@@ -84,16 +84,38 @@ class _SilenceWatchdog:
         self._handle.cancel()
 
 
+# A request still waiting for its upstream after this long gets a task that watches for
+# the client going away. Most short requests are answered sooner, and then cost one timer
+# instead of a task (created, woken, cancelled) per request.
+_WATCH_AFTER_SECONDS = 0.05
+
+
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("disconnected", "watcher")
+    __slots__ = ("_receive", "_task", "_timer", "disconnected", "watcher")
 
     def __init__(self) -> None:
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._receive: Receive | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def watch_soon(self, loop: asyncio.AbstractEventLoop, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Start watching for a disconnect unless the exchange is over within _WATCH_AFTER_SECONDS."""
+        self._receive, self._task = receive, task
+        self._timer = loop.call_later(_WATCH_AFTER_SECONDS, self._watch)
+
+    def _watch(self) -> None:
+        self._timer = None
+        assert self._receive is not None and self._task is not None
+        self.watcher = asyncio.ensure_future(_watch_disconnect(self._receive, self, self._task))
 
     def stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
@@ -159,7 +181,7 @@ class ProxyEndpoint:
                 runtime.admit(key, route.name)
                 if not route.endpoints:
                     raise errors.no_ready_replica(route.name, runtime.settings.retry_after_seconds)
-                exchange.watcher = asyncio.create_task(_watch_disconnect(receive, exchange, task))
+                exchange.watch_soon(asyncio.get_running_loop(), receive, task)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
             except GatewayError as error:
                 status = error.status
