@@ -4,7 +4,7 @@ PY := .venv/bin/python
 VENV_INPUTS := images/constraints.txt operator/pyproject.toml gateway/pyproject.toml tests/testkit/pyproject.toml .ci/requirements-dev.in
 
 .PHONY: help venv sandbox-build sandbox-up sandbox-down sandbox-status manifests manifests-check lint test test-unit test-e2e \
-        bench-gateway bench-operator fuzz-gateway demo clean
+        bench-gateway bench-routing bench-operator fuzz-gateway demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -61,17 +61,26 @@ test-e2e: sandbox-build ## end-to-end tests against the sandbox
 test: sandbox-build ## every test: unit and end-to-end (starts or reuses the sandbox)
 	@$(PY) -m pytest -q tests
 
-bench-gateway: venv ## gateway vs direct (and nginx, vllm-router), side by side (docs/benchmarks.md); BENCH_ARGS=--quick
+# The peer in bench-gateway and bench-routing (a Rust binary on PyPI), pinned so runs compare.
+VLLM_ROUTER_VERSION := 0.1.17
+
+.PHONY: bench-peers
+bench-peers: venv
+	@test -x .venv/bin/vllm-router || $(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt \
+		vllm-router==$(VLLM_ROUTER_VERSION) || echo "vllm-router not installed: its rows are skipped"
+
+bench-gateway: bench-peers ## gateway vs direct, nginx and vllm-router, side by side (docs/benchmarks.md); BENCH_ARGS=--quick
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v nginx >/dev/null || apt-get install -y -qq nginx-light || echo "nginx not installed: its rows are skipped"
-	@test -x .venv/bin/vllm-router || $(PY) -m uv pip install -q --python $(PY) -c images/constraints.txt vllm-router \
-		|| echo "vllm-router not installed: its rows are skipped"
 	@$(PY) tests/bench/bench_gateway.py $(BENCH_ARGS)
 
 FUZZ_REQUESTS ?= 20000
 fuzz-gateway: venv ## fuzz the gateway with FUZZ_REQUESTS generated requests (make test runs 1000); FUZZ_SEED=n
 	@ARGOSY_FUZZ_REQUESTS=$(FUZZ_REQUESTS) ARGOSY_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s \
 		tests/unit/gateway/test_gateway_fuzz.py
+
+bench-routing: bench-peers ## routing quality: round robin, least outstanding, prefix affinity, vllm-router cache_aware (docs/benchmarks.md); BENCH_ARGS=--quick
+	@$(PY) tests/bench/bench_routing.py $(BENCH_ARGS)
 
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator
 	@$(PY) tests/bench/bench_operator_scale.py

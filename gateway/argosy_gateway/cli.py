@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,  # uvicorn's loggers go through the root handler configured above
         timeout_keep_alive=int(settings.client_keepalive_seconds),
         timeout_graceful_shutdown=30,
+        # A new worker must answer ready within this, or the supervisor kills and restarts it;
+        # uvicorn's 5 s is less than importing the app takes on a busy 2-core node (measured
+        # 6-8 s at load average 15), which turned --workers 2 into an endless restart loop.
+        timeout_worker_healthcheck=60,
     )
 
 

@@ -108,34 +108,122 @@ class RoundRobin:
 
 
 class PrefixAffinity:
-    """Consistent hashing on the prompt's start, with bounded load.
+    """Longest cached prefix first, within a load bound; consistent hashing for new prefixes.
 
-    Requests sharing a prompt prefix go to the same endpoint (its prefix cache is warm)
-    unless that endpoint already carries more than ``load_factor`` times the fair share
-    of the outstanding requests; then the request spills to the next endpoint in the
-    key's hash order.
+    The policy remembers, per block of ``block_chars`` characters of the prompt (each block's
+    hash chained to the ones before it, as vLLM hashes its KV blocks), which endpoints served
+    a prompt that began that way. A request goes to the endpoint holding its longest known
+    prefix among those under ``load_factor`` times the fair share of outstanding requests
+    (bounded-load hashing; at low load an endpoint may always carry ``headroom`` requests
+    more than the least loaded one, since a request or two more costs a batch slot where a
+    cache miss costs a whole prefill), ties going to the less loaded. A prefix nobody holds yet goes to
+    its highest-random-weight endpoint for the first ``home_chars`` characters, so every
+    gateway replica sends a new system prompt to the same place. Requests that share a system
+    prompt therefore gather on few endpoints, and each conversation's later turns (whose
+    prompt is the whole conversation so far) return to the endpoint that cached its earlier
+    turns, unless it is overloaded.
+
+    State is bounded: at most ``max_blocks`` block hashes (least recently used evicted), each
+    with at most ``holders_per_block`` endpoints.
     """
 
     needs = "prefix"
 
-    def __init__(self, load_factor: float = 1.25) -> None:
+    def __init__(
+        self,
+        load_factor: float = 1.25,
+        *,
+        block_chars: int = 128,
+        home_chars: int = 256,
+        max_blocks: int = 200_000,
+        holders_per_block: int = 4,
+        headroom: int = 2,
+    ) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be at least 1.0")
+        if block_chars < 1 or home_chars < 1 or max_blocks < 1 or holders_per_block < 1 or headroom < 0:
+            raise ValueError("block_chars, home_chars, max_blocks and holders_per_block must be positive")
+        self._headroom = headroom
         self._load_factor = load_factor
+        self._block_chars = block_chars
+        self._home_chars = home_chars
+        self._max_blocks = max_blocks
+        self._holders_per_block = holders_per_block
         self._hashes = _EndpointHashes()
         self._fallback = LeastOutstanding()
+        self._holders: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+
+    @property
+    def remembered_blocks(self) -> int:
+        """How many prompt blocks the policy remembers (never more than ``max_blocks``)."""
+        return len(self._holders)
+
+    def _block_hashes(self, model: str, key: str) -> list[int]:
+        block = self._block_chars
+        chained = hash(model)
+        hashes: list[int] = []
+        for start in range(0, len(key) - block + 1, block):
+            chained = hash((chained, key[start : start + block]))
+            hashes.append(chained)
+        return hashes
+
+    def _cached_depths(self, hashes: list[int], endpoints: Sequence[str]) -> dict[str, int]:
+        """Endpoint -> how many leading blocks of the prompt it served before."""
+        depths: dict[str, int] = {}
+        holders = self._holders
+        for depth, block_hash in enumerate(hashes):
+            served = holders.get(block_hash)
+            if served is None:
+                break
+            extended = False
+            for endpoint in served:
+                if depths.get(endpoint, 0) == depth and endpoint in endpoints:
+                    depths[endpoint] = depth + 1
+                    extended = True
+            if not extended:
+                break
+        return depths
+
+    def _remember(self, hashes: list[int], endpoint: str) -> None:
+        holders = self._holders
+        limit = self._holders_per_block
+        for block_hash in hashes:
+            served = holders.get(block_hash)
+            if served is None:
+                holders[block_hash] = (endpoint,)
+            else:
+                if served[-1] != endpoint:
+                    kept = tuple(e for e in served if e != endpoint)
+                    holders[block_hash] = (*kept[-(limit - 1) :], endpoint) if limit > 1 else (endpoint,)
+                holders.move_to_end(block_hash)
+        while len(holders) > self._max_blocks:
+            holders.popitem(last=False)
 
     def choose(self, model: str, endpoints: Sequence[str], outstanding: Mapping[str, int], key: str | None) -> str:
         if not key or len(endpoints) == 1:
             return self._fallback.choose(model, endpoints, outstanding, None)
-        total = sum(outstanding.get(e, 0) for e in endpoints)
+        loads = [outstanding.get(e, 0) for e in endpoints]
         # Capacity per endpoint counting the request being placed (bounded-load hashing).
-        capacity = max(1, math.ceil(self._load_factor * (total + 1) / len(endpoints)))
-        order = rendezvous_order(key, endpoints, self._hashes)
-        for endpoint in order:
-            if outstanding.get(endpoint, 0) < capacity:
-                return endpoint
-        return _least_loaded(order, outstanding, 0)
+        capacity = max(1, math.ceil(self._load_factor * (sum(loads) + 1) / len(endpoints)), min(loads) + self._headroom)
+        hashes = self._block_hashes(model, key)
+        depths = self._cached_depths(hashes, endpoints) if hashes else {}
+        chosen: str | None = None
+        if depths:
+            best = (0, 0)
+            for endpoint, depth in depths.items():
+                load = outstanding.get(endpoint, 0)
+                if load < capacity and (depth, -load) > best:
+                    chosen, best = endpoint, (depth, -load)
+        if chosen is None:
+            for endpoint in rendezvous_order(key[: self._home_chars], endpoints, self._hashes):
+                if outstanding.get(endpoint, 0) < capacity:
+                    chosen = endpoint
+                    break
+            else:
+                chosen = _least_loaded(endpoints, outstanding, 0)
+        if hashes:
+            self._remember(hashes, chosen)
+        return chosen
 
 
 class SessionAffinity:

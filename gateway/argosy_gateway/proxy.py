@@ -92,16 +92,38 @@ class _SilenceWatchdog:
         self._handle.cancel()
 
 
+# A request still waiting for its upstream after this long gets a task that watches for
+# the client going away. Most short requests are answered sooner, and then cost one timer
+# instead of a task (created, woken, cancelled) per request.
+_WATCH_AFTER_SECONDS = 0.05
+
+
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("disconnected", "watcher")
+    __slots__ = ("_receive", "_task", "_timer", "disconnected", "watcher")
 
     def __init__(self) -> None:
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._receive: Receive | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def watch_soon(self, loop: asyncio.AbstractEventLoop, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Start watching for a disconnect unless the exchange is over within _WATCH_AFTER_SECONDS."""
+        self._receive, self._task = receive, task
+        self._timer = loop.call_later(_WATCH_AFTER_SECONDS, self._watch)
+
+    def _watch(self) -> None:
+        self._timer = None
+        assert self._receive is not None and self._task is not None
+        self.watcher = asyncio.ensure_future(_watch_disconnect(self._receive, self, self._task))
 
     def stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
@@ -185,7 +207,7 @@ class ProxyEndpoint:
                 runtime.admit(key, route.name)
                 if not route.endpoints:
                     raise errors.no_ready_replica(route.name, runtime.settings.retry_after_seconds)
-                exchange.watcher = asyncio.create_task(_watch_disconnect(receive, exchange, task))
+                exchange.watch_soon(asyncio.get_running_loop(), receive, task)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
             except GatewayError as error:
                 status = error.status
@@ -274,29 +296,30 @@ class ProxyEndpoint:
         settings = runtime.settings
         address = self._address(endpoint)
         runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
-        in_flight = runtime.metrics.in_flight_child(model, address.decode())
-        in_flight.inc()
+        in_flight = runtime.metrics.started(model, address.decode())
         response: UpstreamResponse | None = None
         clean = False
         try:
             try:
-                async with asyncio.timeout(settings.first_byte_timeout_seconds):
-                    response = await runtime.upstream.post(endpoint, self.path, body, headers)
-                    status = response.status
-                    if status in _RETRYABLE_STATUSES:
-                        self._failure(model, endpoint, f"status_{status}")
-                        raise _Attempt(
-                            f"HTTP {status}",
-                            errors.upstream_failed(f"The model server answered HTTP {status}."),
-                            retryable=True,
-                            answer=await _retryable_answer(response, address),
-                        )
-                    content_type = response.header("content-type") or "application/json"
-                    is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
-                    if is_stream:
-                        first = await response.read_chunk()
-                    else:
-                        first = await response.read()
+                # The first-byte deadline is one timer in the client, armed when the request is sent.
+                response = await runtime.upstream.post(
+                    endpoint, self.path, body, headers, settings.first_byte_timeout_seconds
+                )
+                status = response.status
+                if status in _RETRYABLE_STATUSES:
+                    self._failure(model, endpoint, f"status_{status}")
+                    raise _Attempt(
+                        f"HTTP {status}",
+                        errors.upstream_failed(f"The model server answered HTTP {status}."),
+                        retryable=True,
+                        answer=await _retryable_answer(response, address),
+                    )
+                content_type = response.header("content-type") or "application/json"
+                is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
+                if is_stream:
+                    first = await response.read_chunk()
+                else:
+                    first = await response.read()
             except UpstreamConnectError as exc:
                 self._failure(model, endpoint, "connect")
                 raise _Attempt(
@@ -351,6 +374,8 @@ class ProxyEndpoint:
             loop = asyncio.get_running_loop()
             watchdog = _SilenceWatchdog(loop, chunk_timeout, response)
             read_chunk = response.read_chunk
+            # One message dict for every event: the server reads it before send() returns.
+            event: Message = {"type": "http.response.body", "body": b"", "more_body": True}
             try:
                 while True:
                     try:
@@ -373,7 +398,8 @@ class ProxyEndpoint:
                         runtime.metrics.first_byte(model, perf_counter() - started)
                     previous, last = last, chunk
                     watchdog.sending = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    event["body"] = chunk
+                    await send(event)
                     watchdog.sending = False
                     watchdog.last_activity = loop.time()
             finally:
@@ -389,7 +415,7 @@ class ProxyEndpoint:
                 runtime.outstanding[endpoint] = count
             else:
                 runtime.outstanding.pop(endpoint, None)
-            in_flight.dec()
+            runtime.metrics.finished(in_flight)
             if response is not None:
                 if clean:
                     response.release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-import aiohttp
+import httpx2
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,7 +19,6 @@ from argosy_gateway.proxy import ProxyEndpoint
 from argosy_gateway.responsestore import ResponseLocations
 from argosy_gateway.routetable import ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
-from argosy_gateway.upstream import create_session
 
 # Every model-addressed path of vLLM's OpenAI server (vllm/entrypoints/openai/api_server.py
 # and its routers), by body format. Each is routed by its ``model`` and passed through as is.
@@ -79,11 +78,11 @@ class StoredResponses:
     def __init__(self, runtime: GatewayRuntime, locations: ResponseLocations) -> None:
         self.runtime = runtime
         self.locations = locations
-        self._session: aiohttp.ClientSession | None = None
+        self._session: httpx2.AsyncClient | None = None
 
     async def close(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            await self._session.aclose()
             self._session = None
 
     async def forward(self, request: Request, response_id: str, suffix: str) -> Response:
@@ -109,7 +108,12 @@ class StoredResponses:
         except GatewayError as error:
             return _error(error)
         if self._session is None:
-            self._session = create_session(runtime.settings)
+            settings = runtime.settings
+            # Bytes pass through as the replica sent them: no decompression, no Accept-Encoding added.
+            self._session = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(settings.first_byte_timeout_seconds, connect=settings.connect_timeout_seconds),
+                headers={"accept-encoding": "identity"},
+            )
         headers = {name: request.headers[name] for name in _FORWARDED_LOOKUP_HEADERS if name in request.headers}
         if "content-type" in request.headers:
             headers["content-type"] = request.headers["content-type"]
@@ -117,35 +121,38 @@ class StoredResponses:
         if request.url.query:
             url += "?" + request.url.query
         try:
-            upstream = await self._session.request(request.method, url, data=await request.body(), headers=headers)
-        except (aiohttp.ClientError, OSError) as exc:
+            upstream = await self._session.send(
+                self._session.build_request(request.method, url, content=await request.body(), headers=headers),
+                stream=True,
+            )
+        except (httpx2.HTTPError, OSError) as exc:
             return _error(errors.upstream_failed(f"Cannot reach the replica that stored the response: {exc}."))
-        if request.method == "DELETE" and upstream.status == 200:
+        if request.method == "DELETE" and upstream.status_code == 200:
             self.locations.forget(response_id)
         content_type = upstream.headers.get("content-type", "application/json")
         passed = {"x-argosy-endpoint": endpoint_address(stored.endpoint)}
         if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
-            return StreamingResponse(_relay(upstream), upstream.status, passed, media_type=content_type)
+            return StreamingResponse(_relay(upstream), upstream.status_code, passed, media_type=content_type)
         try:
-            body = await upstream.read()
-        except (aiohttp.ClientError, OSError) as exc:
+            body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+        except (httpx2.HTTPError, OSError) as exc:
             return _error(errors.upstream_failed(f"The replica failed while answering: {exc}."))
         finally:
-            upstream.release()
-        return Response(body, upstream.status, passed, media_type=content_type)
+            await upstream.aclose()
+        return Response(body, upstream.status_code, passed, media_type=content_type)
 
 
 _NO_ROUTE = ModelRoute("", ())
 
 
-async def _relay(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx2.Response) -> AsyncIterator[bytes]:
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.aiter_raw():
             yield chunk
-    except (aiohttp.ClientError, OSError):
+    except (httpx2.HTTPError, OSError):
         return
     finally:
-        upstream.close()
+        await upstream.aclose()
 
 
 def install_routes(app: FastAPI, runtime: GatewayRuntime) -> tuple[dict[str, ProxyEndpoint], StoredResponses]:

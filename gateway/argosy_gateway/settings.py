@@ -41,7 +41,7 @@ class GatewaySettings(BaseSettings):
     eject_after_failures: int = Field(3, ge=1)
     eject_seconds: float = Field(10.0, ge=0)
     retry_after_seconds: int = Field(2, ge=1)
-    prefix_chars: int = Field(256, ge=1)
+    prefix_chars: int = Field(16384, ge=1, description="prompt characters prefix affinity reads (its cache key)")
     prefix_load_factor: float = Field(1.25, ge=1.0)
     max_remembered_responses: int = Field(
         100_000, ge=1, description="Responses API ids remembered to route GET/DELETE /v1/responses/{id}"

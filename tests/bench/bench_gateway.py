@@ -1,7 +1,8 @@
 """Gateway overhead benchmark: direct to the vLLM simulator vs through argosy-gateway, side by side.
 
-    .venv/bin/python tests/bench/bench_gateway.py            # full run (~10 min)
-    .venv/bin/python tests/bench/bench_gateway.py --quick    # smoke run (~2 min)
+    .venv/bin/python tests/bench/bench_gateway.py                           # full run (~17 min)
+    .venv/bin/python tests/bench/bench_gateway.py --duration 5 --warmup 1   # full, shorter points (~8 min)
+    .venv/bin/python tests/bench/bench_gateway.py --quick                   # smoke run (~3 min)
 
 Method (docs/benchmarks.md): the gateway (one worker) is pinned to CPU 1, the simulator and the
 load generator (wrk with tests/bench/wrk_openai.lua) to CPU 0. For each workload (short
@@ -11,8 +12,9 @@ fixed duration, direct and through the gateway one after the other. Gateway CPU 
 /proc/<pid>/stat over the measured window only.
 
 Peers, measured at the same loads in the same run when installed (--no-peers skips them): nginx as
-a plain reverse proxy, and the Rust vllm-router (PyPI `vllm-router`, round_robin policy), one
-router per simulator. Both are pinned to the gateway's CPU.
+a plain reverse proxy, and the Rust vllm-router (PyPI `vllm-router`) with its round_robin and its
+default cache_aware policy, one router per simulator and policy. All are pinned to the gateway's
+CPU. The verdicts at the end compare the gateway with vllm-router's round robin of the same run.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ TARGET_ADDED_P99_MS = 5.0
 TARGET_CONCURRENCY = 64
 TARGET_REQUESTS_PER_S = 2000.0
 TARGET_TOKENS_PER_S = 100_000.0
+# Issue 13: side by side with vllm-router in the same run.
+TARGET_ADDED_P99_C16_MS = 2.0
+PEER_ROUND_ROBIN = "vllm-router (round_robin)"
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,6 @@ class Report:
 
 
 # -- processes -------------------------------------------------------------------------------------
-
 
 
 # Niceness for every measured process (--nice): a negative value keeps a shared machine's other
@@ -324,7 +328,9 @@ http {{
     return config
 
 
-VLLM_ROUTER_POLICY = "round_robin"
+# Both policies of vllm-router that a user would pick: round robin (its cheapest) and its default,
+# cache_aware (a radix tree of request texts per worker).
+VLLM_ROUTER_POLICIES = ("round_robin", "cache_aware")
 
 
 def vllm_router_binary() -> str | None:
@@ -333,7 +339,7 @@ def vllm_router_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("vllm-router")
 
 
-def vllm_router_argv(binary: str, port: int, metrics_port: int, worker_url: str) -> list[str]:
+def vllm_router_argv(binary: str, port: int, metrics_port: int, worker_url: str, policy: str) -> list[str]:
     """One router in front of one simulator, as in PEERS.md.
 
     Its plain mode balances over its workers without looking at the model name (multi-model
@@ -343,7 +349,7 @@ def vllm_router_argv(binary: str, port: int, metrics_port: int, worker_url: str)
     return [
         binary,
         *("--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker_url),
-        *("--policy", VLLM_ROUTER_POLICY, "--log-level", "warning"),
+        *("--policy", policy, "--log-level", "warning"),
         *("--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)),
     ]
 
@@ -617,6 +623,7 @@ def verdicts(report: Report) -> list[str]:
         return max((m for m in runs if m is not None), key=lambda m: m.requests_per_s, default=None)
 
     lines: list[str] = []
+    lines += peer_verdicts(report, mark)
     for point in through:
         if point.load.concurrency == TARGET_CONCURRENCY:
             p50, p99 = point.added_p50_ms or 0.0, point.added_p99_ms or 0.0
@@ -652,6 +659,42 @@ def verdicts(report: Report) -> list[str]:
                 f"load generator check ({workload}): wrk + simulator on one core reach "
                 f"{direct.requests_per_s:,.0f} req/s direct, {direct.requests_per_s / via.requests_per_s:.1f}x "
                 f"the gateway's best {via.requests_per_s:,.0f} req/s"
+            )
+    return lines
+
+
+def peer_verdicts(report: Report, mark: Callable[[bool], str]) -> list[str]:
+    """Issue 13's targets: the gateway against vllm-router's round robin, in the same run."""
+    lines: list[str] = []
+    for point in report.points:
+        gateway, peer = point.through, point.peers.get(PEER_ROUND_ROBIN)
+        if gateway is None or point.load.paced_rps:
+            continue
+        c = point.load.concurrency
+        if point.workload == "short" and peer is not None and gateway.cpu_s_per_1k and peer.cpu_s_per_1k:
+            lines.append(
+                f"{mark(gateway.cpu_s_per_1k <= peer.cpu_s_per_1k)} CPU per short request, c={c}: "
+                f"{gateway.cpu_s_per_1k:.3f} ms vs {PEER_ROUND_ROBIN} {peer.cpu_s_per_1k:.3f} ms "
+                f"({gateway.cpu_s_per_1k / peer.cpu_s_per_1k:.2f}x)"
+            )
+        if point.workload == "short" and c == 16 and point.added_p99_ms is not None:
+            lines.append(
+                f"{mark(point.added_p99_ms <= TARGET_ADDED_P99_C16_MS)} short c=16: added p99 "
+                f"{point.added_p99_ms:.2f} ms (target ≤ {TARGET_ADDED_P99_C16_MS})"
+            )
+        if point.workload == "short" and c == TARGET_CONCURRENCY and peer and point.added_p50_ms is not None:
+            peer_added = peer.p50_ms - point.direct.p50_ms
+            lines.append(
+                f"{mark(point.added_p50_ms <= peer_added)} short c={c}: added p50 {point.added_p50_ms:.2f} ms "
+                f"vs {PEER_ROUND_ROBIN} {peer_added:.2f} ms"
+            )
+        if point.workload == "stream256-events" and peer is not None and gateway.cpu_s_per_1k and peer.cpu_s_per_1k:
+            # One SSE event per token: CPU per stream / events per stream (the role event rides
+            # with the first token, the usage-less end with [DONE]).
+            ours, theirs = gateway.cpu_s_per_1k / STREAM_TOKENS, peer.cpu_s_per_1k / STREAM_TOKENS
+            lines.append(
+                f"{mark(ours <= theirs)} CPU per streamed SSE event (one event per token), c={c}: "
+                f"{ours * 1000:.1f} µs vs {PEER_ROUND_ROBIN} {theirs * 1000:.1f} µs ({ours / theirs:.2f}x)"
             )
     return lines
 
@@ -802,38 +845,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "note: nginx is not installed; the nginx peer is skipped (Debian: apt-get install nginx-light)"
                     )
 
-                router_pids: dict[str, int] = {}  # model -> the vllm-router in front of its simulator
-                router_urls: dict[str, str] = {}
+                # (policy, model) -> the vllm-router in front of that model's simulator
+                router_pids: dict[tuple[str, str], int] = {}
+                router_urls: dict[tuple[str, str], str] = {}
                 router = None if args.no_peers else vllm_router_binary()
                 if router is not None:
-                    for model, sim_url in sim_urls.items():
-                        port, metrics_port = free_port(), free_port()
-                        router_urls[model] = f"http://127.0.0.1:{port}"
-                        router_log = tmpdir / f"vllm-router-{model}.log"
-                        router_pids[model] = stack.enter_context(
-                            started(
-                                f"vllm-router {model}",
-                                vllm_router_argv(router, port, metrics_port, sim_url),
-                                gateway_cpu,
-                                env,
-                                router_log,
+                    for policy in VLLM_ROUTER_POLICIES:
+                        for model, sim_url in sim_urls.items():
+                            port, metrics_port = free_port(), free_port()
+                            url = router_urls[policy, model] = f"http://127.0.0.1:{port}"
+                            router_log = tmpdir / f"vllm-router-{policy}-{model}.log"
+                            pid = router_pids[policy, model] = stack.enter_context(
+                                started(
+                                    f"vllm-router {policy} {model}",
+                                    vllm_router_argv(router, port, metrics_port, sim_url, policy),
+                                    gateway_cpu,
+                                    env,
+                                    router_log,
+                                )
                             )
-                        )
-                        wait_until_ready(f"{router_urls[model]}/readiness", router_pids[model], router_log)
+                            wait_until_ready(f"{url}/readiness", pid, router_log)
                 elif not args.no_peers:
                     print(
                         "note: vllm-router is not installed; the vllm-router peer is skipped "
                         "(python3 -m uv pip install --python .venv/bin/python vllm-router)"
                     )
-                router_name = f"vllm-router ({VLLM_ROUTER_POLICY})"
 
                 for workload in workloads:
                     sim_url = sim_urls[workload.model]
                     check_once(f"{sim_url}/v1/chat/completions", workload)
                     if gateway_pid:
                         check_once(f"{gateway_url}/v1/chat/completions", workload)
-                    if router_pids:
-                        check_once(f"{router_urls[workload.model]}/v1/chat/completions", workload)
+                    for (_, model), url in router_urls.items():
+                        if model == workload.model:
+                            check_once(f"{url}/v1/chat/completions", workload)
                     loads = [Load(c) for c in args.concurrency]
                     if workload.paced_rps and not args.no_paced:
                         loads.append(Load(TARGET_CONCURRENCY, workload.paced_rps))
@@ -874,18 +919,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 gateway_cpu,
                                 sim_pids,
                             )
-                        if router_pids:
-                            point.peers[router_name] = measure(
-                                f"{router_urls[workload.model]}/v1/chat/completions",
-                                workload,
-                                load,
-                                warmup_ms,
-                                duration_ms,
-                                load_cpu,
-                                router_pids[workload.model],
-                                gateway_cpu,
-                                sim_pids,
-                            )
+                        for (policy, model), url in router_urls.items():
+                            if model == workload.model:
+                                point.peers[f"vllm-router ({policy})"] = measure(
+                                    f"{url}/v1/chat/completions",
+                                    workload,
+                                    load,
+                                    warmup_ms,
+                                    duration_ms,
+                                    load_cpu,
+                                    router_pids[policy, model],
+                                    gateway_cpu,
+                                    sim_pids,
+                                )
                         report.points.append(point)
                         print(_progress(point), flush=True)
                 if gateway_pid and args.profile:

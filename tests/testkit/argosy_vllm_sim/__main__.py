@@ -25,6 +25,11 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     parser.add_argument(
         "--prefill-ms-per-token", type=float, default=0.0, help="added to TTFT per uncached prompt token"
     )
+    parser.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="prefills share one compute lane, so uncached prompt tokens of concurrent requests queue",
+    )
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -43,6 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
             max_num_seqs=args.max_num_seqs,
             prefix_caching=not args.no_prefix_caching,
             prefill_ms_per_token=args.prefill_ms_per_token,
+            serial_prefill=args.serial_prefill,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             kv_cache_tokens=args.kv_cache_tokens,

@@ -107,6 +107,18 @@ class Engine:
         self.running = 0
         self.used_kv_blocks = 0
         self._waiters: deque[_Waiter] = deque()
+        self._prefill_free_at = 0.0
+
+    def queue_prefill(self, seconds: float, now: float) -> float:
+        """Reserve ``seconds`` of prefill on the one compute lane; return the wait plus the work.
+
+        A GPU runs one batch at a time, so the uncached prompt tokens of requests that arrive
+        together are computed one after the other: under load, every uncached token delays
+        the requests behind it. Reserved time stays spent if the request is aborted.
+        """
+        start = max(now, self._prefill_free_at)
+        self._prefill_free_at = start + seconds
+        return self._prefill_free_at - now
 
     @property
     def waiting(self) -> int:

@@ -51,6 +51,7 @@ class SimConfig:
     max_num_seqs: int = 256  # batch limit; further requests wait
     prefix_caching: bool = True
     prefill_ms_per_token: float = 0.0  # extra time to first token per prompt token not in the prefix cache
+    serial_prefill: bool = False  # prefills share one compute lane: under load they queue behind each other
     max_model_len: int = 8192
     block_size: int = 16  # tokens per KV block (the prefix cache's unit)
     kv_cache_tokens: int = 262_144  # KV cache capacity; bounds running tokens and the prefix cache
@@ -183,7 +184,10 @@ class _Simulator:
             )
             cached = engine.cached_prefix_tokens(hashes, parsed.prompt_tokens, block_size)
             stats.prompt_tokens += parsed.prompt_tokens
-            prefill_s = self.ttft_s + self.prefill_s_per_token * (parsed.prompt_tokens - cached)
+            prefill_work_s = self.prefill_s_per_token * (parsed.prompt_tokens - cached)
+            if self.config.serial_prefill and prefill_work_s > 0:
+                prefill_work_s = engine.queue_prefill(prefill_work_s, loop.time())
+            prefill_s = self.ttft_s + prefill_work_s
             request_id = self._request_id(kind)
             created = int(time.time())
             if parsed.stream:

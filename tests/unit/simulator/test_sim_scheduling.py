@@ -130,3 +130,46 @@ async def test_stopping_the_server_cuts_streams_in_flight(start_sim: StartSim) -
         async for chunk in stream:
             received.append(chunk)
     assert len(received) < 100
+
+
+async def test_time_to_first_token_grows_with_uncached_prompt_tokens(start_sim: StartSim) -> None:
+    server = await start_sim(prefill_ms_per_token=1.0)  # 100 uncached tokens: +100 ms
+    client = sdk(server)
+    loop = asyncio.get_running_loop()
+
+    async def ttft(prompt: str) -> float:
+        started = loop.time()
+        stream = await client.completions.create(model="llama-8b", prompt=prompt, max_tokens=2, stream=True)
+        async for _ in stream:
+            return loop.time() - started
+        raise AssertionError("empty stream")
+
+    cold = await ttft(LONG_SYSTEM_PROMPT)
+    warm = await ttft(LONG_SYSTEM_PROMPT)  # 96 of its 100 tokens now come from the prefix cache
+    assert cold >= 0.1
+    assert warm < cold - 0.07
+
+
+async def test_serial_prefill_makes_concurrent_prefills_queue(start_sim: StartSim) -> None:
+    # Three 100-token prompts, 1 ms per uncached token, arriving together: one lane computes
+    # them one after the other (about 0.1, 0.2 and 0.3 s to the first token); without the
+    # lane all three take about 0.1 s.
+    async def first_tokens(server: SimServer) -> list[float]:
+        client = sdk(server)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def one(index: int) -> float:
+            prompt = f"{index} " + LONG_SYSTEM_PROMPT  # a different first block: no shared cache
+            stream = await client.completions.create(model="llama-8b", prompt=prompt, max_tokens=2, stream=True)
+            async for _ in stream:
+                return loop.time() - started
+            raise AssertionError("empty stream")
+
+        return sorted(await asyncio.gather(*(one(i) for i in range(3))))
+
+    serial = await first_tokens(await start_sim(prefill_ms_per_token=1.0, serial_prefill=True))
+    parallel = await first_tokens(await start_sim(prefill_ms_per_token=1.0))
+    assert serial[2] >= 0.29
+    assert serial[2] - serial[0] >= 0.18
+    assert parallel[2] < 0.25
