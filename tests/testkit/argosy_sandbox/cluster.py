@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from . import build, pki
+from .kubelet_plan import DEFAULT_BACKEND, LOGS_CRD, POD_UID_ENV, STATE_ENV, kwok_pod_stages
 from .paths import kubectl_path, state_dir
 from .pools import DEFAULT_POOLS, POOL_LABEL, NodePool, node_manifests
 
@@ -56,6 +57,7 @@ class Ports:
     controller_manager: int
     scheduler: int
     kwok: int
+    pod_runner: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def free_port(exclude: set[int] | frozenset[int] = frozenset()) -> int:
 
 
 class Sandbox:
-    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner")
 
     def __init__(
         self,
@@ -159,6 +161,7 @@ class Sandbox:
             "kube-controller-manager": ports.controller_manager,
             "kube-scheduler": ports.scheduler,
             "kwok": ports.kwok,
+            "pod-runner": ports.pod_runner,
         }[component]
 
     def _choose_ports(self, running: set[str]) -> tuple[Ports, set[str]]:
@@ -175,11 +178,13 @@ class Sandbox:
             "controller_manager": "kube-controller-manager",
             "scheduler": "kube-scheduler",
             "kwok": "kwok",
+            "pod_runner": "pod-runner",
         }
         values: dict[str, int] = {}
         changed: set[str] = set()
         for field_name in fields:
             current = getattr(recorded, field_name) if recorded else None
+            current = current or None  # 0: not chosen yet (a state dir from before the pod runner)
             component = owner[field_name]
             if current is not None and (component in running or port_is_free(current)):
                 values[field_name] = current
@@ -338,7 +343,7 @@ class Sandbox:
                 "--v=1",
             ]
         if component == "kwok":
-            stages = [f"--config={path}" for path in build.kwok_stage_files()]
+            stages = [f"--config={path}" for path in self._kwok_stage_files()]
             return [
                 str(build.KWOK.binary("kwok")),
                 f"--kubeconfig={kubeconfig}",
@@ -348,9 +353,36 @@ class Sandbox:
                 f"--node-ip={NODE_IP}",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{ports.kwok}",
+                # Nodes advertise kwok's server as their kubelet, so `kubectl logs` reaches it,
+                # and kwok reads where each pod's logs are from Logs objects the pod runner writes.
+                f"--node-port={ports.kwok}",
+                "--enable-crds=Logs",
                 *stages,
             ]
+        if component == "pod-runner":
+            return [
+                sys.executable, "-m", "argosy_sandbox", "--state", str(self.state), "pod-runner",
+                "--port", str(ports.pod_runner), "--kubeconfig", str(self._component_kubeconfig()),
+                "--default-vllm", os.environ.get("ARGOSY_SANDBOX_VLLM", DEFAULT_BACKEND),
+            ]
         raise ValueError(component)
+
+    def _kwok_stage_files(self) -> list[Path]:
+        """kwok's stock stages, with pod-ready limited to pods the pod runner does not own, plus its own start stage."""
+        directory = self.state / "kwok-stages"
+        directory.mkdir(parents=True, exist_ok=True)
+        files = []
+        for stock in build.kwok_stage_files():
+            if stock.name != "pod-ready.yaml":
+                files.append(stock)
+                continue
+            for index, stage in enumerate(kwok_pod_stages(yaml.safe_load(stock.read_text()))):
+                path = directory / f"{index}-{stage['metadata']['name']}.yaml"
+                text = yaml.safe_dump(stage, sort_keys=False)
+                if not path.exists() or path.read_text() != text:
+                    path.write_text(text)
+                files.append(path)
+        return files
 
     def _ssl_context(self, verify: bool) -> ssl.SSLContext:
         if verify:
@@ -373,6 +405,15 @@ class Sandbox:
         except (urllib.error.URLError, OSError):
             return 0, ""
 
+    def _command_path(self, component: str) -> Path:
+        return self.run_dir / f"{component}.command.json"
+
+    def _recorded_command(self, component: str) -> list[str] | None:
+        try:
+            return list(json.loads(self._command_path(component).read_text()))
+        except (OSError, ValueError):
+            return None
+
     def _healthy(self, component: str, ports: Ports) -> bool:
         if component == "etcd":
             code, body = self._get(f"http://127.0.0.1:{ports.etcd_client}/health")
@@ -386,6 +427,8 @@ class Sandbox:
             return self._get(f"https://127.0.0.1:{ports.scheduler}/healthz")[0] == 200
         if component == "kwok":
             return self._get(f"http://127.0.0.1:{ports.kwok}/healthz")[0] == 200
+        if component == "pod-runner":
+            return self._get(f"http://127.0.0.1:{ports.pod_runner}/healthz")[0] == 200
         raise ValueError(component)
 
     # -- kubeconfig ------------------------------------------------------------------------------
@@ -449,12 +492,17 @@ class Sandbox:
             if component in changed:
                 # Components after one that moved were started against its old port.
                 restart_rest = True
-            if pid is not None and not restart_rest and self._healthy(component, ports):
+            same_command = self._recorded_command(component) == self._command(component, ports)
+            if pid is not None and not restart_rest and same_command and self._healthy(component, ports):
                 self.report(f"  {component}: already running (pid {pid}, port {self._port_of(component, ports)})")
                 continue
             if pid is not None:
-                self.report(f"  {component}: restarting (pid {pid} was unhealthy or its dependencies moved)")
+                why = "its command changed" if not same_command else "it was unhealthy or its dependencies moved"
+                self.report(f"  {component}: restarting (pid {pid}: {why})")
                 self._terminate(pid)
+            if component == "kwok":
+                self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=argosy-sandbox",
+                             "-f", "-", input=json.dumps(LOGS_CRD))
             self._start(component, ports, timeout)
         self.sync_nodes(timeout=timeout)
 
@@ -482,6 +530,7 @@ class Sandbox:
                 cwd=self.state,
             )
         self.pid_path(component).write_text(f"{process.pid}\n")
+        self._command_path(component).write_text(json.dumps(self._command(component, ports)) + "\n")
         deadline = time.monotonic() + timeout
         began = time.monotonic()
         while time.monotonic() < deadline:
@@ -513,6 +562,10 @@ class Sandbox:
     def sync_nodes(self, timeout: float = 60.0) -> None:
         """Make the cluster's simulated nodes exactly the configured pools, and wait for them to be Ready."""
         manifests = node_manifests(self.pools)
+        ports = self.load_ports()
+        if ports is not None:
+            for node in manifests:
+                node["status"]["daemonEndpoints"] = {"kubeletEndpoint": {"Port": ports.kwok}}
         wanted = {node["metadata"]["name"] for node in manifests}
         existing = {
             node["metadata"]["name"]: node
@@ -573,6 +626,10 @@ class Sandbox:
                 stopped.append(pid)
                 self.report(f"  {pid_file.stem}: stopped (pid {pid})")
             pid_file.unlink(missing_ok=True)
+        for pid in container_pids_of(self.state):
+            self._terminate(pid)
+            stopped.append(pid)
+            self.report(f"  stopped container process {pid}")
         for pid in self.orphan_pids():
             self._terminate(pid)
             stopped.append(pid)
@@ -596,6 +653,24 @@ class Sandbox:
 
     def is_up(self) -> bool:
         return all(status.state == "running" for status in self.status())
+
+
+def container_pids_of(state: Path) -> list[int]:
+    """Processes the pod runner of this state directory started for pods (marked in their environment)."""
+    marker = f"{STATE_ENV}={state}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            status = (entry / "stat").read_text()
+        except OSError:
+            continue
+        zombie = status.rsplit(")", 1)[-1].split()[0] == "Z"
+        if marker in environ and any(item.startswith(POD_UID_ENV.encode() + b"=") for item in environ) and not zombie:
+            found.append(int(entry.name))
+    return found
 
 
 def _tail(path: Path, lines: int = 15) -> str:
