@@ -85,3 +85,11 @@ def ensure_crd(sandbox: Sandbox) -> None:
     crd = helm(sandbox, "template", "argosy", str(CHART), "--show-only", "templates/crds/llmdeployments.yaml")
     sandbox.kubectl("create", "-f", "-", input=crd.stdout)
     sandbox.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+
+
+def program_args(argv: list[str], program: str) -> list[str] | None:
+    """The arguments after ``program`` in a command line (a console script runs as ``python <script> ...``)."""
+    for index, part in enumerate(argv[:2]):
+        if Path(part).name == program:
+            return argv[index + 1:]
+    return None

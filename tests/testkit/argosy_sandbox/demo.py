@@ -115,7 +115,7 @@ def main() -> int:
             if pod is None or not chart.is_ready(pod):
                 raise DemoError(f"the chart's {component} pod is not Ready after helm --wait")
             pid = chart.container_pid(pod)
-            command = " ".join(chart.cmdline(pid)[1:]) if pid else "?"
+            command = " ".join(chart.program_args(chart.cmdline(pid), f"argosy-{component}") or []) if pid else "?"
             say(f"  {pod['metadata']['name']} on {pod['spec']['nodeName']} at {pod['status']['podIP']}: "
                 f"argosy-{component} {command} (pid {pid})")
         gateway_pod = chart.component_pod(sandbox, RELEASE_NAMESPACE, RELEASE, "gateway")

@@ -113,7 +113,12 @@ class ContainerRunner:
         while True:
             try:
                 launch = await self.pod.launch(self)
-            except plan.ContainerConfigError as error:
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a config error, or an API call that failed: retried with backoff
+                if not isinstance(error, plan.ContainerConfigError):
+                    log.exception("preparing %s/%s container %s failed", self.pod.facts.namespace,
+                                  self.pod.facts.name, self.name)
                 crashes += 1
                 self.set(waiting_reason="CreateContainerConfigError", waiting_message=str(error), ready=False)
                 self._write_log(f"sandbox: cannot start container {self.name}: {error}\n".encode(), "stderr")
@@ -411,8 +416,6 @@ class PodWorker:
             **base, **env, **runtime.runtime_env(),
             "VLLM_HOST_IP": self.facts.pod_ip,
             "HF_HUB_OFFLINE": "1",
-            # The spec's --max-model-len is kept as written, even above the stand-in's context.
-            "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
         }
         notes = ["vLLM's CPU build runs this pod's `vllm serve`", *real.substitutions]
         return Launch(argv=[*runtime.vllm_command(), "serve", *real.args], env=vllm_env, notes=notes)
@@ -468,7 +471,7 @@ class Kubelet:
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
             await self.http.close()
-            await site.stop()
+            await site.cleanup()
 
     async def _serve_health(self) -> web.AppRunner:
         async def healthz(_: web.Request) -> web.Response:
@@ -591,16 +594,19 @@ class Kubelet:
     async def service_account_token(self, facts: plan.PodFacts) -> str:
         """A TokenRequest for the pod's ServiceAccount, bound to the pod (as the kubelet projects it)."""
         from lightkube.core.exceptions import ApiError
-        from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequest, TokenRequestSpec
+        from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
+        from lightkube.models.meta_v1 import ObjectMeta
         from lightkube.resources.core_v1 import ServiceAccountToken
 
-        request = TokenRequest(spec=TokenRequestSpec(
-            audiences=[], expirationSeconds=TOKEN_SECONDS,
-            boundObjectRef=BoundObjectReference(apiVersion="v1", kind="Pod", name=facts.name, uid=facts.uid),
-        ))
+        request = ServiceAccountToken(
+            metadata=ObjectMeta(name=facts.service_account, namespace=facts.namespace),
+            spec=TokenRequestSpec(
+                audiences=[], expirationSeconds=TOKEN_SECONDS,
+                boundObjectRef=BoundObjectReference(apiVersion="v1", kind="Pod", name=facts.name, uid=facts.uid),
+            ),
+        )
         try:
-            answer = await self.client.create(ServiceAccountToken, facts.service_account, request,
-                                              namespace=facts.namespace)
+            answer = await self.client.create(request, facts.service_account, namespace=facts.namespace)
         except ApiError as error:
             raise plan.ContainerConfigError(
                 f"no token for ServiceAccount {facts.namespace}/{facts.service_account}: {error.status.message}"
@@ -661,6 +667,8 @@ class Kubelet:
 
 def main(state: Path, kubeconfig: Path, health_port: int, default_backend: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     async def run() -> None:
         stop = asyncio.Event()
