@@ -206,8 +206,12 @@ def test_the_openai_sdk_gets_answers_and_errors_from_vllm_through_the_gateway_po
             client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 
 
+@pytest.mark.xfail(
+    strict=True, raises=openai.BadRequestError,
+    reason="KNOWN GATEWAY BUG: the gateway refuses `logprobs: true` with a 400 ('must be an integer'); "
+    "fixed on branch h11-gateway. Once that is merged this test passes, strict xfail fails, and this mark goes.",
+)
 def test_logprobs_come_back_from_vllm_through_the_gateway_pod(release: Release, serving: Serving) -> None:
-    # The gateway refused `logprobs: true` with a 400 before the fix on branch h11-gateway.
     with sdk(release) as client:
         chat = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=2)

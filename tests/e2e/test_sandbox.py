@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.cluster import Sandbox, allocate_pod_cidr
 from argosy_sandbox.podrunner import wait_for
 from argosy_sandbox.pools import DEFAULT_POOLS, GpuSpec, NodePool
 
@@ -180,6 +180,8 @@ def test_second_sandbox_recovers_from_a_crash_reports_taken_ports_and_stops_clea
         other.up()
         assert other.is_up()
         assert "argosy-sandbox" in other.kubectl("config", "current-context").stdout
+        # Its pods get IPs of their own: two sandboxes' pod runners never bind the same address.
+        assert other.pod_cidr != allocate_pod_cidr(Sandbox().state)
 
         # Up again: nothing restarts.
         messages.clear()

@@ -30,12 +30,16 @@ import yaml
 
 from . import build, pki
 from .kubelet_plan import DEFAULT_BACKEND, LOGS_CRD, POD_UID_ENV, STATE_ENV, kwok_pod_stages
-from .paths import kubectl_path, state_dir
+from .paths import cache_dir, kubectl_path, state_dir
 from .pools import DEFAULT_POOLS, POOL_LABEL, NodePool, node_manifests
 
-# Pods get addresses from this loopback range, so a process bound to a pod's IP is
-# reachable from this machine and test traffic never leaves 127.0.0.0/8.
-POD_CIDR = "127.64.0.0/16"
+# Pods get addresses from a loopback /16, so a process bound to a pod's IP is reachable
+# from this machine and test traffic never leaves 127.0.0.0/8. Every sandbox on the machine
+# (one per checkout, plus the tests' own) gets a /16 of its own: the pod runner binds real
+# processes to pod IPs, and two sandboxes handing out the same IP would route into each other.
+# 127.64.0.0/16 was once every sandbox's range, so it is left out for sandboxes that still use it.
+POD_CIDR_OCTETS = range(65, 255)
+POD_CIDR_REGISTRY = "pod-cidrs.json"
 NODE_IP = "127.0.0.1"
 
 Reporter = Callable[[str], None]
@@ -349,7 +353,7 @@ class Sandbox:
                 f"--kubeconfig={kubeconfig}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                f"--cidr={POD_CIDR}",
+                f"--cidr={self.pod_cidr}",
                 f"--node-ip={NODE_IP}",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{ports.kwok}",
@@ -482,6 +486,7 @@ class Sandbox:
 
     def _up_locked(self, timeout: float) -> None:
         pki.ensure_pki(self.pki_dir)
+        self.pod_cidr = allocate_pod_cidr(self.state)
 
         running = {component for component in self.COMPONENTS if self._pid_of(component) is not None}
         ports, changed = self._choose_ports(running)
@@ -653,6 +658,32 @@ class Sandbox:
 
     def is_up(self) -> bool:
         return all(status.state == "running" for status in self.status())
+
+
+def allocate_pod_cidr(state: Path) -> str:
+    """This sandbox's pod range, ``127.N.0.0/16``: kept once given, never the same as another live sandbox's.
+
+    The machine-wide registry in the cache maps state directories to N; entries of state
+    directories that no longer exist are given back.
+    """
+    registry = cache_dir() / POD_CIDR_REGISTRY
+    with build.file_lock(POD_CIDR_REGISTRY + ".lock"):
+        try:
+            taken = {str(k): int(v) for k, v in json.loads(registry.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            taken = {}
+        taken = {path: octet for path, octet in taken.items() if Path(path).exists()}
+        octet = taken.get(str(state))
+        if octet is None:
+            free = [n for n in POD_CIDR_OCTETS if n not in set(taken.values())]
+            if not free:
+                raise SandboxError(f"every pod range 127.{{65..254}}.0.0/16 is taken; see {registry}")
+            octet = free[0]
+            taken[str(state)] = octet
+            tmp = registry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(taken, indent=1, sort_keys=True) + "\n")
+            tmp.replace(registry)
+    return f"127.{octet}.0.0/16"
 
 
 def container_pids_of(state: Path) -> list[int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,6 +59,17 @@ def now_rfc3339() -> str:
 
 def _log_timestamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def _exit_of(process: asyncio.subprocess.Process) -> int:
+    """The exit code as soon as the container's main process exits.
+
+    Process.wait() also waits for its pipes to close, which a child the process started (vLLM's
+    engine core) keeps open: a kubelet sees the container exit when its main process does.
+    """
+    while process.returncode is None:  # noqa: ASYNC110 (no event fires before the pipes close)
+        await asyncio.sleep(0.1)
+    return process.returncode
 
 
 async def kill_group(pid: int, grace: float) -> None:
@@ -169,7 +181,7 @@ class ContainerRunner:
         pumps = [asyncio.create_task(self._pump(process.stdout, "stdout")),
                  asyncio.create_task(self._pump(process.stderr, "stderr"))]
         probes = asyncio.create_task(self._probe_until_failure())
-        exited = asyncio.create_task(process.wait())
+        exited = asyncio.create_task(_exit_of(process))
         try:
             await asyncio.wait({probes, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -185,7 +197,7 @@ class ContainerRunner:
         # Like the container's cgroup: whatever the process started goes with it.
         await kill_group(process.pid, STOP_GRACE_SECONDS)
         code = await exited
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.wait(pumps, timeout=STOP_GRACE_SECONDS)
         log.info("%s/%s container %s %s", self.pod.facts.namespace, self.pod.facts.name, self.name, reason)
         self.process = None
         self.set(
@@ -461,7 +473,9 @@ class Kubelet:
         site = await self._serve_health()
         for pid in container_pids_of(self.state):
             log.info("stopping container process %d left by an earlier pod runner", pid)
-            await kill_group(pid, STOP_GRACE_SECONDS)
+            with contextlib.suppress(ProcessLookupError):
+                # Its group is the container's: the main process may be gone, a child it started not.
+                await kill_group(os.getpgid(pid), STOP_GRACE_SECONDS)
         tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._resync())]
         try:
             await stop.wait()
