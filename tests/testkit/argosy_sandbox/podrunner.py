@@ -194,6 +194,8 @@ class ContainerRunner:
             reason = probes.result() if not probes.cancelled() and probes.done() else "probe failed"
             kind = "Error"
             self._write_log(f"sandbox: {reason}; killing the container\n".encode(), "stderr")
+        # Not ready from this moment, as the kubelet reports a terminated container at once.
+        self.set(ready=False, started=False)
         # Like the container's cgroup: whatever the process started goes with it.
         await kill_group(process.pid, STOP_GRACE_SECONDS)
         code = await exited
@@ -201,7 +203,7 @@ class ContainerRunner:
         log.info("%s/%s container %s %s", self.pod.facts.namespace, self.pod.facts.name, self.name, reason)
         self.process = None
         self.set(
-            ready=False, started=False, running_since=None, pid=None,
+            running_since=None, pid=None,
             last_exit_code=code if code >= 0 else 128 - code, last_reason=kind,
             last_started=started_at, last_finished=now_rfc3339(),
         )
