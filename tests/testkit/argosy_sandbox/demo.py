@@ -168,7 +168,7 @@ def main() -> int:
       export KUBECONFIG={sandbox.kubeconfig}
       kubectl get pods -A -o wide                       # the chart's pods and the serving pods
       kubectl get lld -n {NAMESPACE}                    # models, TP/PP, replicas, readiness
-      kubectl logs -n {NAMESPACE} deploy/{REAL_MODEL}   # real vLLM's own log
+      kubectl logs -n {NAMESPACE} deploy/{REAL_MODEL}             # real vLLM's own log
       curl -s {gateway}/v1/models
       curl -s {gateway}/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{{"model": "{REAL_MODEL}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
