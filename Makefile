@@ -45,7 +45,8 @@ manifests-check: sandbox-build ## fail when a generated file is stale
 STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/builders.py \
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
-	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py
+	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py \
+	tests/testkit/argosy_sandbox/kubelet_plan.py
 
 lint: venv ## ruff everywhere, mypy --strict on the pure modules
 	@$(PY) -m ruff check operator gateway tests
