@@ -9,6 +9,7 @@ processes whose pid file was lost.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -224,8 +225,7 @@ class Sandbox:
             status = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        zombie = status.rsplit(")", 1)[-1].split()[0] == "Z"
-        return not zombie and str(self.state) in cmdline
+        return not _is_zombie(status) and str(self.state) in cmdline
 
     def orphan_pids(self) -> list[int]:
         """Every live process whose command line points into this state directory."""
@@ -263,9 +263,8 @@ class Sandbox:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
-            if Path(f"/proc/{pid}/stat").exists():
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-                if state == "Z":
+            with contextlib.suppress(OSError):
+                if _is_zombie(Path(f"/proc/{pid}/stat").read_text()):
                     return
             time.sleep(0.1)
         try:
@@ -698,10 +697,15 @@ def container_pids_of(state: Path) -> list[int]:
             status = (entry / "stat").read_text()
         except OSError:
             continue
-        zombie = status.rsplit(")", 1)[-1].split()[0] == "Z"
-        if marker in environ and any(item.startswith(POD_UID_ENV.encode() + b"=") for item in environ) and not zombie:
+        pod_process = any(item.startswith(POD_UID_ENV.encode() + b"=") for item in environ)
+        if marker in environ and pod_process and not _is_zombie(status):
             found.append(int(entry.name))
     return found
+
+
+def _is_zombie(proc_stat: str) -> bool:
+    """From the text of /proc/<pid>/stat: the state field (after the command name in parentheses) is Z."""
+    return proc_stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
