@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 # The label/annotation a test (or a newcomer) sets to pick what serves a vLLM pod.
 BACKEND_KEY = "sandbox.argosy.dev/vllm"
-Backend = Literal["real", "simulator"]
-BACKENDS: tuple[Backend, ...] = ("real", "simulator")
+# none: Running and Ready with no process, as kwok does for unknown images (scale tests that count objects).
+Backend = Literal["real", "simulator", "none"]
+BACKENDS: tuple[Backend, ...] = ("real", "simulator", "none")
 DEFAULT_BACKEND: Backend = "simulator"
 
 ImageKind = Literal["vllm", "argosy-operator", "argosy-gateway"]
@@ -376,7 +377,7 @@ def choose_backend(
 
 
 def _backend(value: str) -> Backend:
-    return "real" if value == "real" else "simulator"
+    return "real" if value == "real" else "none" if value == "none" else "simulator"
 
 
 # -- Argosy's own images -------------------------------------------------------------------------

@@ -136,6 +136,9 @@ class ContainerRunner:
                 self._write_log(f"sandbox: cannot start container {self.name}: {error}\n".encode(), "stderr")
                 await asyncio.sleep(plan.restart_delay(crashes))
                 continue
+            if not launch.argv:  # nothing to run (backend "none"): Running and Ready, as kwok shows it
+                self.set(ready=True, started=True, running_since=now_rfc3339(), waiting_reason=None)
+                return
             started = time.monotonic()
             started_at = now_rfc3339()
             reason = await self._run_once(launch, restarts, started_at)
@@ -219,7 +222,9 @@ class ContainerRunner:
         if self.kind is None:
             return None
         restarts = self.state.restart_count
-        return (str(self.log_dir / f"{restarts}.log"), str(self.log_dir / f"{max(0, restarts - 1)}.log"))
+        # Before the first restart there is no previous container: kwok's log server says the file is missing.
+        previous = f"{restarts - 1}.log" if restarts else "no-previous-container.log"
+        return (str(self.log_dir / f"{restarts}.log"), str(self.log_dir / previous))
 
     def _write_log(self, line: bytes, stream: str) -> None:
         path = getattr(self, "log_path", None) or self.log_dir / f"{self.state.restart_count}.log"
@@ -420,6 +425,8 @@ class PodWorker:
         owner = await self.kubelet.owner_annotations(self.facts)
         labels = await self.kubelet.namespace_labels(self.facts.namespace)
         backend = plan.choose_backend(self.facts.annotations, owner, labels, self.kubelet.default_backend)
+        if backend == "none":
+            return Launch(argv=[], env={}, notes=[])
         if backend == "simulator":
             sim = [str(BIN / "argosy-vllm-sim"), *plan.simulator_args(serve, self.facts.pod_ip)]
             note = f"the vLLM simulator stands in for `vllm serve` ({plan.BACKEND_KEY}=simulator)"

@@ -144,6 +144,7 @@ def test_the_simulator_serves_the_pods_names_port_and_length() -> None:
         ({}, {}, {plan.BACKEND_KEY: "real"}, "simulator", "real"),
         ({}, {plan.BACKEND_KEY: "simulator"}, {plan.BACKEND_KEY: "real"}, "simulator", "simulator"),
         ({plan.BACKEND_KEY: "real"}, {plan.BACKEND_KEY: "simulator"}, {}, "simulator", "real"),
+        ({}, {}, {plan.BACKEND_KEY: "none"}, "simulator", "none"),
     ],
 )
 def test_backend_choice_pod_then_llmdeployment_then_namespace(pod, owner, namespace, default, expected) -> None:
@@ -151,7 +152,7 @@ def test_backend_choice_pod_then_llmdeployment_then_namespace(pod, owner, namesp
 
 
 def test_a_misspelled_backend_is_refused() -> None:
-    with pytest.raises(plan.ContainerConfigError, match="use one of real, simulator"):
+    with pytest.raises(plan.ContainerConfigError, match="use one of real, simulator, none"):
         plan.choose_backend({}, {}, {plan.BACKEND_KEY: "reall"})
 
 
