@@ -409,7 +409,7 @@ class PodWorker:
             if passthrough in os.environ:
                 base[passthrough] = os.environ[passthrough]
         if container.kind == "vllm":
-            return await self._launch_vllm(argv, base, env)
+            return await self._launch_vllm(container, argv, base, env)
         kubeconfig = await self._service_account_kubeconfig()
         program = argv[0] if "/" in argv[0] else str(BIN / argv[0])
         argv = [program, *plan.bind_to_pod_ip(argv[1:], self.facts.pod_ip)]
@@ -418,7 +418,9 @@ class PodWorker:
                  f"{self.facts.namespace}/{self.facts.service_account} (token in {kubeconfig})"]
         return Launch(argv=argv, env={**base, **env, **extra}, notes=notes)
 
-    async def _launch_vllm(self, argv: list[str], base: dict[str, str], env: dict[str, str]) -> Launch:
+    async def _launch_vllm(
+        self, container: ContainerRunner, argv: list[str], base: dict[str, str], env: dict[str, str]
+    ) -> Launch:
         serve = plan.split_vllm_serve(argv)
         if serve is None:
             raise plan.ContainerConfigError(f"the vLLM image runs only `vllm serve ...`, not {argv[:2]}")
@@ -431,6 +433,10 @@ class PodWorker:
             sim = [str(BIN / "argosy-vllm-sim"), *plan.simulator_args(serve, self.facts.pod_ip)]
             note = f"the vLLM simulator stands in for `vllm serve` ({plan.BACKEND_KEY}=simulator)"
             return Launch(argv=sim, env={**base, **env}, notes=[note])
+        if not await self.kubelet.vllm_ready():
+            container.set(waiting_reason="ContainerCreating",
+                          waiting_message="installing vLLM's CPU runtime and making the stand-in model (first use; "
+                                          "progress in the sandbox's pod-runner.log)")
         runtime, model_dir = await self.kubelet.vllm_runtime()
         real = plan.vllm_serve_args(serve, self.facts.pod_ip, str(model_dir))
         vllm_env = {
@@ -673,12 +679,15 @@ class Kubelet:
         except ApiError as error:
             log.warning("kubectl logs will not find %s: %s", document["metadata"]["name"], error)
 
+    async def vllm_ready(self) -> bool:
+        from . import standin_model, vllm_runtime
+
+        return vllm_runtime.is_installed() and standin_model.is_made()
+
     async def vllm_runtime(self) -> tuple[Any, Path]:
         """vLLM's CPU build and the stand-in model; installed on first use (with progress in the pod's log)."""
-        try:
-            from . import standin_model, vllm_runtime
-        except ImportError as error:
-            raise plan.ContainerConfigError(f"the vLLM CPU runtime is not part of this checkout: {error}") from error
+        from . import standin_model, vllm_runtime
+
         async with self._runtime_lock:
             try:
                 await asyncio.to_thread(vllm_runtime.ensure_runtime, log.info)
