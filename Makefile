@@ -71,7 +71,7 @@ bench-gateway: venv ## gateway vs direct (and nginx, vllm-router), side by side 
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator
 	@$(PY) tests/bench/bench_operator_scale.py
 
-demo: sandbox-build ## sandbox + helm install + two models + one chat completion through the gateway
+demo: sandbox-build ## sandbox + helm install (the chart's pods run) + two models, one on real vLLM + a streamed answer through the gateway pod
 	@$(PY) -m argosy_sandbox.demo
 
 clean: sandbox-down ## stop the sandbox and remove its state (the binary cache is kept)
