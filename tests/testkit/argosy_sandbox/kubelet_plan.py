@@ -227,6 +227,71 @@ def container_argv(container: Mapping[str, Any], kind: ImageKind, env: Mapping[s
     return [expand(str(part), env) for part in argv]
 
 
+# -- volumes ----------------------------------------------------------------------------------
+
+def volume_refs(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(kind, name) of the ConfigMaps and Secrets behind the container's mounted volumes."""
+    mounted = {str(m.get("name")) for m in container.get("volumeMounts") or []}
+    refs = []
+    for volume in pod_spec.get("volumes") or []:
+        if volume.get("name") not in mounted:
+            continue
+        if "configMap" in volume:
+            refs.append(("ConfigMap", str(volume["configMap"].get("name", ""))))
+        elif "secret" in volume:
+            refs.append(("Secret", str(volume["secret"].get("secretName", ""))))
+    return refs
+
+
+def mounted_files(
+    pod_spec: Mapping[str, Any], container: Mapping[str, Any], lookup: Lookup
+) -> dict[str, dict[str, str]]:
+    """mountPath -> {relative path: content} for the container's ConfigMap and Secret volumes.
+
+    Other volume kinds (emptyDir, PVCs, ...) are not materialised; their paths stay as written.
+    """
+    volumes = {str(v.get("name")): v for v in pod_spec.get("volumes") or []}
+    mounts: dict[str, dict[str, str]] = {}
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes.get(str(mount.get("name"))) or {}
+        if "configMap" in volume:
+            kind, source = "ConfigMap", volume["configMap"]
+            name = str(source.get("name", ""))
+        elif "secret" in volume:
+            kind, source = "Secret", volume["secret"]
+            name = str(source.get("secretName", ""))
+        else:
+            continue
+        data = lookup(kind, name)
+        if data is None:
+            if source.get("optional"):
+                continue
+            raise ContainerConfigError(f"volume {mount.get('name')!r}: {kind} {name!r} not found")
+        items = source.get("items")
+        if items:
+            missing = [i["key"] for i in items if i["key"] not in data]
+            if missing and not source.get("optional"):
+                raise ContainerConfigError(f"volume {mount.get('name')!r}: keys {missing} not in {kind} {name!r}")
+            files = {str(i["path"]): data[i["key"]] for i in items if i["key"] in data}
+        else:
+            files = dict(data)
+        if mount.get("subPath"):
+            sub = str(mount["subPath"])
+            files = {"": files[sub]} if sub in files else {}
+        mounts[str(mount["mountPath"])] = files
+    return mounts
+
+
+def rewrite_mount_paths(text: str, local: Mapping[str, str]) -> str:
+    """A path under a mounted volume's mountPath (also as ``--flag=path``) points at the volume's local copy."""
+    head, sep, value = text.partition("=") if text.startswith("-") else ("", "", text)
+    for mount_path, directory in sorted(local.items(), key=lambda item: -len(item[0])):
+        root = mount_path.rstrip("/")
+        if value == root or value.startswith(root + "/"):
+            return head + sep + directory + value[len(root):]
+    return text
+
+
 # -- the vLLM image ----------------------------------------------------------------------------
 
 def _flag_value(args: Sequence[str], flag: str) -> str | None:

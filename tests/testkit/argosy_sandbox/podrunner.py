@@ -393,10 +393,14 @@ class PodWorker:
 
     async def launch(self, container: ContainerRunner) -> Launch:
         spec = container.spec
-        lookup = await self.kubelet.lookup_for(self.facts.namespace, spec)
+        pod_spec = self.pod.get("spec") or {}
+        lookup = await self.kubelet.lookup_for(self.facts.namespace, spec, plan.volume_refs(pod_spec, spec))
         env = plan.container_env(spec, self.facts, lookup)
         assert container.kind is not None
         argv = plan.container_argv(spec, container.kind, env)
+        local = self._materialise_volumes(plan.mounted_files(pod_spec, spec, lookup), container.name)
+        argv = [plan.rewrite_mount_paths(arg, local) for arg in argv]
+        env = {name: plan.rewrite_mount_paths(value, local) for name, value in env.items()}
         base = {
             "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
             "HOME": os.environ.get("HOME", "/root"),
@@ -417,6 +421,20 @@ class PodWorker:
         notes = [f"{container.kind} from this checkout's virtualenv, as ServiceAccount "
                  f"{self.facts.namespace}/{self.facts.service_account} (token in {kubeconfig})"]
         return Launch(argv=argv, env={**base, **env, **extra}, notes=notes)
+
+    def _materialise_volumes(self, mounts: Mapping[str, Mapping[str, str]], container: str) -> dict[str, str]:
+        """Write ConfigMap/Secret volume files under the pod's directory; mountPath -> local path."""
+        local: dict[str, str] = {}
+        for index, (mount_path, files) in enumerate(sorted(mounts.items())):
+            directory = self.directory / "volumes" / container / str(index)
+            directory.mkdir(parents=True, exist_ok=True)
+            for relative, content in files.items():
+                target = directory / (relative or Path(mount_path).name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+            single = list(files) == [""]
+            local[mount_path] = str(directory / Path(mount_path).name) if single else str(directory)
+        return local
 
     async def _launch_vllm(
         self, container: ContainerRunner, argv: list[str], base: dict[str, str], env: dict[str, str]
@@ -585,12 +603,14 @@ class Kubelet:
 
     # -- API lookups for the workers ---------------------------------------------------------------
 
-    async def lookup_for(self, namespace: str, container: Mapping[str, Any]) -> plan.Lookup:
-        """Fetch the Secrets and ConfigMaps a container's env names, for the pure env resolver."""
+    async def lookup_for(
+        self, namespace: str, container: Mapping[str, Any], volumes: list[tuple[str, str]]
+    ) -> plan.Lookup:
+        """Fetch the Secrets and ConfigMaps a container's env and volumes name, for the pure resolvers."""
         from lightkube.core.exceptions import ApiError
         from lightkube.resources.core_v1 import ConfigMap, Secret
 
-        wanted: set[tuple[str, str]] = set()
+        wanted: set[tuple[str, str]] = set(volumes)
         for source in container.get("envFrom") or []:
             if "secretRef" in source:
                 wanted.add(("Secret", str(source["secretRef"].get("name", ""))))

@@ -221,3 +221,46 @@ def test_kwok_leaves_the_runners_pods_to_it() -> None:
 def test_log_lines_are_in_the_cri_format() -> None:
     assert plan.cri_log_line("2026-01-01T00:00:00.000001Z", "stdout", b"hello\n") == (
         b"2026-01-01T00:00:00.000001Z stdout F hello\n")
+
+
+def test_configmap_and_secret_volumes_are_materialised_and_paths_point_at_them() -> None:
+    pod_spec = {"volumes": [
+        {"name": "chat-template", "configMap": {"name": "tpl", "items": [{"key": "t.jinja", "path": "chat.jinja"}]}},
+        {"name": "keys", "secret": {"secretName": "api-keys"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]}
+    container = {"name": "c", "volumeMounts": [
+        {"name": "chat-template", "mountPath": "/etc/argosy/chat-template"},
+        {"name": "keys", "mountPath": "/etc/keys"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]}
+    data = {("ConfigMap", "tpl"): {"t.jinja": "{{ messages }}"}, ("Secret", "api-keys"): {"keys.txt": "k1"}}
+    assert plan.volume_refs(pod_spec, container) == [("ConfigMap", "tpl"), ("Secret", "api-keys")]
+    mounts = plan.mounted_files(pod_spec, container, lambda kind, name: data.get((kind, name)))
+    assert mounts == {"/etc/argosy/chat-template": {"chat.jinja": "{{ messages }}"}, "/etc/keys": {"keys.txt": "k1"}}
+    local = {"/etc/argosy/chat-template": "/pods/p/v/0", "/etc/keys": "/pods/p/v/1"}
+    assert plan.rewrite_mount_paths("/etc/argosy/chat-template/chat.jinja", local) == "/pods/p/v/0/chat.jinja"
+    assert plan.rewrite_mount_paths("--chat-template=/etc/argosy/chat-template/chat.jinja", local) == (
+        "--chat-template=/pods/p/v/0/chat.jinja")
+    assert plan.rewrite_mount_paths("/etc/keysmith", local) == "/etc/keysmith"  # not under the mount
+    assert plan.rewrite_mount_paths("/tmp/x", local) == "/tmp/x"  # emptyDir: the machine's own path
+    with pytest.raises(plan.ContainerConfigError, match="ConfigMap 'tpl' not found"):
+        plan.mounted_files(pod_spec, container, lambda kind, name: None)
+
+
+def test_the_operators_chat_template_mount_reaches_vllm() -> None:
+    from argosy_operator.builders import ChatTemplateMount
+
+    inputs = ServerInputs(
+        name="m", namespace="ns", owner_uid="u", model_uri="hf://org/m", served_model_names=("m",), replicas=1,
+        image="vllm/vllm-openai:v0.32.0", tensor_parallel_size=1, pipeline_parallel_size=1, max_model_len=512,
+        gpu_memory_utilization=0.9, chat_template=ChatTemplateMount(config_map="tpl", key="t.jinja", content_hash="h"),
+    )
+    pod_spec = build_deployment(inputs)["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    mounts = plan.mounted_files(pod_spec, container, lambda kind, name: {"t.jinja": "T"} if name == "tpl" else None)
+    [(mount_path, files)] = mounts.items()
+    argv = plan.container_argv(container, "vllm", {})
+    template_arg = argv[argv.index("--chat-template") + 1]
+    rewritten = plan.rewrite_mount_paths(template_arg, {mount_path: "/local"})
+    assert rewritten.startswith("/local/") and rewritten.removeprefix("/local/") in files
