@@ -46,7 +46,8 @@ STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/buil
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
 	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \
-	gateway/argosy_gateway/responsestore.py gateway/argosy_gateway/ratelimit.py gateway/argosy_gateway/discovery/cluster.py
+	gateway/argosy_gateway/responsestore.py gateway/argosy_gateway/ratelimit.py gateway/argosy_gateway/discovery/cluster.py \
+	tests/testkit/argosy_sandbox/kubelet_plan.py
 
 lint: venv ## ruff everywhere, mypy --strict on the pure modules
 	@$(PY) -m ruff check operator gateway tests
@@ -85,7 +86,7 @@ bench-routing: bench-peers ## routing quality: round robin, least outstanding, p
 bench-operator: sandbox-build ## 200 LLMDeployments through the operator
 	@$(PY) tests/bench/bench_operator_scale.py
 
-demo: sandbox-build ## sandbox + helm install + two models + one chat completion through the gateway
+demo: sandbox-build ## sandbox + helm install (the chart's pods run) + two models, one on real vLLM + a streamed answer through the gateway pod
 	@$(PY) -m argosy_sandbox.demo
 
 clean: sandbox-down ## stop the sandbox and remove its state (the binary cache is kept)

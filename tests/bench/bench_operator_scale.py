@@ -148,6 +148,8 @@ def bench(args: argparse.Namespace) -> int:
         sandbox.up()
     namespace = f"bench-{secrets.token_hex(3)}"
     sandbox.kubectl("create", "namespace", namespace)
+    # Hundreds of serving pods: counted, not served (no simulator process per pod).
+    sandbox.kubectl("label", "namespace", namespace, "sandbox.argosy.dev/vllm=none")
     with tempfile.TemporaryDirectory() as tmp:
         crd_path = Path(tmp) / "crd.yaml"
         crd_path.write_text(crdgen.render_manifest())

@@ -1,37 +1,27 @@
-"""The chart's RBAC is enough to serve a model: the real operator and gateway processes run
-with the tokens of the ServiceAccounts the chart creates (not the sandbox's admin), reconcile
-an LLMDeployment and answer a chat completion through the gateway, with no request refused.
-
-There is no container runtime here, so the chart's pods are simulated by kwok; the operator
-and gateway run as local processes that authenticate exactly as those pods would.
+"""The chart's RBAC is enough to serve a model: after `helm install`, the chart's own operator and
+gateway pods run (the sandbox's pod runner runs their containers with the chart's args and env,
+authenticated with tokens of the pods' ServiceAccounts, not the sandbox's admin), are Ready
+through their own probes, reconcile an LLMDeployment and answer a chat completion through the
+gateway pod, with no request refused. vLLM pods are served by the simulator here (fast);
+tests/e2e/test_real_vllm.py does the same against real vLLM.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from argosy_sandbox.build import helm_binary as _helm_binary
+from argosy_sandbox import chart
 from argosy_sandbox.cluster import Sandbox
-from argosy_sandbox.cluster import free_port as _free_port
-from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "argosy"
-BIN = Path(sys.executable).parent
-CRD_NAME = "llmdeployments.argosy.dev"
 MODEL = {
     "apiVersion": "argosy.dev/v1alpha1",
     "kind": "LLMDeployment",
@@ -44,11 +34,6 @@ MODEL = {
 }
 
 
-
-
-
-
-
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -59,82 +44,20 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _token_kubeconfig(sandbox: Sandbox, namespace: str, account: str, path: Path) -> Path:
-    """A kubeconfig for the sandbox that authenticates as a ServiceAccount, by token."""
-    token = sandbox.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
-    config = yaml.safe_load(sandbox.kubeconfig.read_text())
-    for entry in config["users"]:
-        entry["user"] = {"token": token}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-class Process:
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self._file = log.open("wb")
-        self.popen = subprocess.Popen(
-            argv, stdout=self._file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._file.close()
-
-
 @pytest.fixture
 def scoped_release(sandbox: Sandbox, namespace: str) -> Iterator[tuple[str, str]]:
     """A release in `namespace` that watches one fresh namespace; yields (release, watched)."""
-    binary = _helm_binary()
-    if binary is None:
-        pytest.skip("helm is missing: neither the sandbox's cached helm, `helm` on PATH, nor Go to build it")
-    if sandbox.kubectl("get", "crd", CRD_NAME, check=False).returncode != 0:
-        crd = subprocess.run(
-            [str(binary), "template", "argosy", str(CHART), "--show-only", "templates/crds/llmdeployments.yaml"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        sandbox.kubectl("create", "-f", "-", input=crd.stdout)
-        sandbox.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    chart.ensure_crd(sandbox)
     release = f"argosy-{secrets.token_hex(3)}"
     watched = f"sa-models-{secrets.token_hex(3)}"
     sandbox.kubectl("create", "namespace", watched)
-    helm = [str(binary), f"--kubeconfig={sandbox.kubeconfig}"]
-    install = subprocess.run(
-        [
-            *helm,
-            "install",
-            release,
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--set",
-            "crds.enabled=false",
-            "--set",
-            f"watchNamespaces={{{watched}}}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert install.returncode == 0, install.stderr
     try:
+        chart.install(sandbox, release, namespace, "--set", "crds.enabled=false",
+                      "--set", f"watchNamespaces={{{watched}}}")
         yield release, watched
     finally:
         sandbox.kubectl("delete", "lld", "--all", "-n", watched, "--wait=false", check=False)
-        subprocess.run(
-            [*helm, "uninstall", release, "--namespace", namespace], capture_output=True, text=True, timeout=180
-        )
+        chart.helm(sandbox, "uninstall", release, "--namespace", namespace, check=False)
         sandbox.kubectl("delete", "namespace", watched, "--wait=false", check=False)
 
 
@@ -150,83 +73,45 @@ def _chat(url: str, model: str) -> dict[str, Any] | None:
         return None
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def test_operator_and_gateway_serve_a_model_with_only_the_charts_rbac(sandbox, namespace, scoped_release, tmp_path):
+def test_the_charts_pods_serve_a_model_with_only_the_charts_rbac(sandbox, namespace, scoped_release):
     release, watched = scoped_release
-    operator_config = _token_kubeconfig(sandbox, namespace, f"{release}-operator", tmp_path / "operator.kubeconfig")
-    gateway_config = _token_kubeconfig(sandbox, namespace, f"{release}-gateway", tmp_path / "gateway.kubeconfig")
-    # The tokens really are the ServiceAccounts' (so the test cannot pass on admin rights).
-    whoami = sandbox.kubectl(
-        f"--kubeconfig={operator_config}", "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"
-    )
-    assert whoami.stdout == f"system:serviceaccount:{namespace}:{release}-operator"
+    # helm --wait returned: both Deployments are available, so their pods passed their own readiness probes.
+    operator = chart.component_pod(sandbox, namespace, release, "operator")
+    gateway = chart.component_pod(sandbox, namespace, release, "gateway")
+    assert chart.is_ready(operator) and chart.is_ready(gateway), (operator, gateway)
+    for pod, component in ((operator, "operator"), (gateway, "gateway")):
+        # The process is the project's entry point with the chart's args, as the ServiceAccount's token.
+        argv = chart.cmdline(chart.container_pid(pod))
+        container = pod["spec"]["containers"][0]
+        expected = [arg.replace("0.0.0.0", pod["status"]["podIP"]) for arg in container["args"]]
+        assert chart.program_args(argv, f"argosy-{component}") == expected, argv
+        kubeconfig = chart.pod_dir(sandbox, pod) / "kubeconfig"
+        whoami = sandbox.kubectl(f"--kubeconfig={kubeconfig}", "auth", "whoami",
+                                 "-o", "jsonpath={.status.userInfo.username}")
+        assert whoami.stdout == f"system:serviceaccount:{namespace}:{release}-{component}"
 
-    processes: list[Process] = []
-    try:
-        operator = Process(
-            [
-                str(BIN / "argosy-operator"),
-                "run",
-                "--kubeconfig",
-                str(operator_config),
-                "--namespace",
-                watched,
-                "--metrics-port",
-                str(_free_port()),
-            ],
-            tmp_path / "operator.log",
-        )
-        processes.append(operator)
-        sandbox.kubectl("apply", "-n", watched, "-f", "-", input=json.dumps(MODEL))
+    sandbox.kubectl("apply", "-n", watched, "-f", "-", input=json.dumps(MODEL))
 
-        def placed_and_ready() -> bool:
-            lld = json.loads(sandbox.kubectl("get", "lld", "sa-llama-8b", "-n", watched, "-o", "json").stdout)
-            conditions = {c["type"]: c["status"] for c in lld.get("status", {}).get("conditions", [])}
-            return conditions.get("PlacementFound") == "True" and lld["status"].get("readyReplicas") == 1
+    def placed_and_ready() -> bool:
+        lld = json.loads(sandbox.kubectl("get", "lld", "sa-llama-8b", "-n", watched, "-o", "json").stdout)
+        conditions = {c["type"]: c["status"] for c in lld.get("status", {}).get("conditions", [])}
+        return conditions.get("PlacementFound") == "True" and lld["status"].get("readyReplicas") == 1
 
-        _wait(placed_and_ready, 90, f"the operator to place and run the model (log: {operator.log})")
-        deployments = json.loads(sandbox.kubectl("get", "deployments", "-n", watched, "-o", "json").stdout)["items"]
-        assert [d["metadata"]["labels"]["app.kubernetes.io/managed-by"] for d in deployments] == ["argosy-operator"]
+    operator_logs = f"kubectl logs -n {namespace} {operator['metadata']['name']}"
+    _wait(placed_and_ready, 90, f"the operator pod to place and run the model ({operator_logs})")
+    deployments = json.loads(sandbox.kubectl("get", "deployments", "-n", watched, "-o", "json").stdout)["items"]
+    assert [d["metadata"]["labels"]["app.kubernetes.io/managed-by"] for d in deployments] == ["argosy-operator"]
 
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        with PodRunner(
-            sandbox.kubeconfig,
-            SERVING_PODS_SELECTOR,
-            vllm_simulator_command(),
-            namespace=watched,
-            log_dir=tmp_path / "pods",
-        ):
-            gateway = Process(
-                [str(BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(port)],
-                tmp_path / "gateway.log",
-                env={
-                    "ARGOSY_GATEWAY_DISCOVERY": "kubernetes",
-                    "ARGOSY_GATEWAY_KUBECONFIG": str(gateway_config),
-                    "ARGOSY_GATEWAY_NAMESPACES": json.dumps([watched]),
-                },
-            )
-            processes.append(gateway)
-            _wait(lambda: _ready(url), 60, f"the gateway to be ready (log: {gateway.log})")
-            answer = _wait(lambda: _chat(url, "sa-llama-8b"), 60, f"a chat completion (log: {gateway.log})")
-            assert answer["model"] == "sa-llama-8b"
-            assert answer["choices"][0]["message"]["content"]
+    url = f"http://{gateway['status']['podIP']}:{chart.GATEWAY_PORT}"
+    answer = _wait(lambda: _chat(url, "sa-llama-8b"), 60, "a chat completion through the gateway pod")
+    assert answer["model"] == "sa-llama-8b"
+    assert answer["choices"][0]["message"]["content"]
 
-        for process in processes:
-            assert process.popen.poll() is None, f"{process.log.name} exited:\n{process.text()[-2000:]}"
-            refused = [
-                line
-                for line in process.text().splitlines()
-                if "forbidden" in line.lower() or "not enough permissions" in line.lower()
-            ]
-            assert not refused, f"{process.log.name}: the API server refused a request:\n" + "\n".join(refused[:5])
-    finally:
-        for process in processes:
-            process.stop()
+    for pod in (operator, gateway):
+        name = pod["metadata"]["name"]
+        current = json.loads(sandbox.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+        assert current["status"]["containerStatuses"][0]["restartCount"] == 0, f"{name} restarted"
+        logs = sandbox.kubectl("logs", "-n", namespace, name)
+        refused = [line for line in logs.stdout.splitlines()
+                   if "forbidden" in line.lower() or "not enough permissions" in line.lower()]
+        assert not refused, f"{name}: the API server refused a request:\n" + "\n".join(refused[:5])

@@ -1,7 +1,8 @@
 """The gateway's Kubernetes discovery against the sandbox: real watches, real sockets.
 
-The gateway runs as its own process (``argosy-gateway``, lightkube LIST + watch), the pod runner
-starts a vLLM simulator on every serving pod's IP, and the OpenAI SDK calls the gateway.
+The gateway runs as its own process (``argosy-gateway``, lightkube LIST + watch), the sandbox's
+pod runner serves every vLLM pod with the simulator (the default backend), and the OpenAI SDK
+calls the gateway.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import openai
 import pytest
 from argosy_sandbox.cluster import Sandbox, free_port
-from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command, wait_for
+from argosy_sandbox.podrunner import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240), pytest.mark.usefixtures("crd")]
 
@@ -77,8 +78,11 @@ def serving_pod(name: str, served: list[str], deployment: str) -> dict[str, Any]
             "containers": [
                 {
                     "name": "vllm",
-                    "image": "example.invalid/vllm",
+                    "image": "vllm/vllm-openai:v0.32.0",
+                    "command": ["vllm", "serve"],
+                    "args": [f"example/{deployment}", "--served-model-name", *served, "--port", "8000"],
                     "ports": [{"name": "http", "containerPort": 8000}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
                     "resources": {"limits": {"nvidia.com/gpu": "1"}},
                 }
             ],
@@ -148,14 +152,6 @@ def gateway(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[Gatewa
         process.stop()
 
 
-@pytest.fixture
-def pod_runner(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[PodRunner]:
-    with PodRunner(
-        kubeconfig, SERVING_PODS_SELECTOR, vllm_simulator_command(), namespace=namespace, log_dir=tmp_path / "pods"
-    ) as runner:
-        yield runner
-
-
 def sdk(gateway: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=10)
 
@@ -185,7 +181,7 @@ def status_for(gateway: GatewayProcess, model: str) -> int:
 
 
 def test_discovery_follows_serving_pods_and_llmdeployments(
-    sandbox: Sandbox, namespace: str, gateway: GatewayProcess, pod_runner: PodRunner
+    sandbox: Sandbox, namespace: str, gateway: GatewayProcess
 ) -> None:
     sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(llm_deployment("solo")))
     assert wait_for(lambda: gateway.models().get("solo", {}).get("ready") is False, 10)
@@ -196,7 +192,8 @@ def test_discovery_follows_serving_pods_and_llmdeployments(
     pod = json.loads(sandbox.kubectl("get", "pod", "solo-0", "-n", namespace, "-o", "json").stdout)
     assert served_by(gateway, "solo") == f"{pod['status']['podIP']}:8000"
 
-    # The pod turns NotReady (as a failing readiness probe would make it), then Ready again.
+    # The pod turns NotReady (as a failing readiness probe would make it), then Ready again. The pod
+    # runner writes the pod's status only when its own view changes, so these patches stand.
     def set_ready(value: str) -> float:
         patch = json.dumps({"status": {"conditions": [{"type": "Ready", "status": value}]}})
         sandbox.kubectl(
@@ -223,7 +220,7 @@ def test_discovery_follows_serving_pods_and_llmdeployments(
 
 
 def test_operator_and_gateway_serve_two_models_and_follow_scaling(
-    sandbox: Sandbox, kubeconfig: Path, namespace: str, gateway: GatewayProcess, pod_runner: PodRunner, tmp_path: Path
+    sandbox: Sandbox, kubeconfig: Path, namespace: str, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
     operator_log = (tmp_path / "operator.log").open("wb")
     operator = subprocess.Popen(
@@ -298,7 +295,7 @@ def _completion_status(url: str, model: str) -> int:
 
 
 def test_a_restarted_gateway_never_answers_404_for_a_model_that_exists(
-    sandbox: Sandbox, kubeconfig: Path, namespace: str, pod_runner: PodRunner, tmp_path: Path
+    sandbox: Sandbox, kubeconfig: Path, namespace: str, tmp_path: Path
 ) -> None:
     models = [f"m{index:02d}" for index in range(20)]
     objects = [llm_deployment(name) for name in models]

@@ -23,7 +23,6 @@ import openai
 import pytest
 import yaml
 from argosy_sandbox.cluster import Sandbox, free_port
-from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 from argosy_sandbox.pools import GpuSpec as PoolGpu
 from argosy_sandbox.pools import NodePool, node_manifests
 
@@ -415,16 +414,8 @@ def gpu_pools(sandbox: Sandbox) -> Iterator[GpuPools]:
         pools.delete()
 
 
-@pytest.fixture
-def pod_runner(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[PodRunner]:
-    """The vLLM simulator behind every serving pod: 'keeps serving' means it answers."""
-    with PodRunner(kubeconfig, SERVING_PODS_SELECTOR, vllm_simulator_command(), namespace=namespace,
-                   log_dir=tmp_path / "pods") as runner:
-        yield runner
-
-
 def answers(pod: dict[str, Any], model: str) -> bool:
-    """A completion from the pod's own vLLM server (the simulator), with the OpenAI SDK."""
+    """A completion from the pod's own vLLM server (the sandbox's pod runner serves it with the simulator)."""
     client = openai.OpenAI(base_url=f"http://{pod['status']['podIP']}:8000/v1", api_key="unused",
                            max_retries=0, timeout=5)
     try:
@@ -443,7 +434,7 @@ def pod_ids(cluster: Cluster, name: str) -> dict[str, str]:
 
 
 def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
-        operator: Operator, cluster: Cluster, gpu_pools: GpuPools, pod_runner: PodRunner) -> None:
+        operator: Operator, cluster: Cluster, gpu_pools: GpuPools) -> None:
     big, cheap = gpu_pools.product("big"), gpu_pools.product("cheap")
     big_nodes = gpu_pools.add("big", 2, memory_mib=81559, gpus=8)
     spec = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "replicas": 2,

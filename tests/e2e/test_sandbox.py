@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from argosy_sandbox.cluster import Sandbox
-from argosy_sandbox.podrunner import PodRunner, template_command, wait_for
+from argosy_sandbox.cluster import Sandbox, allocate_pod_cidr
+from argosy_sandbox.podrunner import wait_for
 from argosy_sandbox.pools import DEFAULT_POOLS, GpuSpec, NodePool
 
 pytestmark = pytest.mark.e2e
@@ -95,30 +94,74 @@ def test_nine_gpus_stay_pending_with_failed_scheduling(sandbox: Sandbox, namespa
     assert not pod["spec"].get("nodeName")
 
 
-def test_pod_ip_is_loopback_and_the_pod_runner_serves_on_it(sandbox: Sandbox, namespace: str, tmp_path: Path) -> None:
-    sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=gpu_deployment("served", 1))
-    command = template_command([sys.executable, "-m", "http.server", "--bind", "{pod_ip}", "18080",
-                                "--directory", str(tmp_path)])
-    (tmp_path / "who").write_text("pod-runner")
-    with PodRunner(sandbox.kubeconfig, "app=served", command, namespace=namespace, log_dir=tmp_path / "logs") as runner:
-        assert wait_for(lambda: len(runner.running()) == 1, 30), "the runner did not start a process"
-        [pod] = pods(sandbox, namespace, "app=served")
-        ip = pod["status"]["podIP"]
-        assert ipaddress.ip_address(ip) in ipaddress.ip_network("127.0.0.0/8")
+def vllm_deployment(name: str, args: list[str], **container: object) -> str:
+    """A Deployment of the vLLM image; the sandbox's pod runner serves it with the simulator (the default)."""
+    spec = {
+        "name": "vllm", "image": "vllm/vllm-openai:v0.32.0", "command": ["vllm", "serve"], "args": args,
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "env": [{"name": "SERVED", "value": name}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        **container,
+    }
+    return json.dumps({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": {
+            "metadata": {"labels": {"app": name}},
+            "spec": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                     "containers": [spec]}}},
+    })
 
-        def answers() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://{ip}:18080/who", timeout=1) as response:
-                    return response.read() == b"pod-runner"
-            except OSError:
-                return False
 
-        assert wait_for(answers, 15)
-        # The pod goes away: so does its process.
-        process = next(iter(runner.running().values())).process
-        sandbox.kubectl("scale", "deployment/served", "-n", namespace, "--replicas=0")
-        assert wait_for(lambda: process.poll() is not None, 20)
-        assert not answers()
+def ready(pod: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+
+def test_the_pod_runner_runs_a_pods_container_on_its_loopback_ip(sandbox: Sandbox, namespace: str) -> None:
+    # $(SERVED) is expanded from the container's env, as the kubelet does it.
+    sandbox.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=vllm_deployment("served", ["org/model", "--served-model-name", "$(SERVED)"]))
+    assert wait_for(lambda: any(ready(p) for p in pods(sandbox, namespace, "app=served")), 30), pods(
+        sandbox, namespace, "app=served")
+    [pod] = pods(sandbox, namespace, "app=served")
+    ip = pod["status"]["podIP"]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network("127.0.0.0/8")
+    [status] = pod["status"]["containerStatuses"]
+    assert status["ready"] and status["started"] and "running" in status["state"]
+
+    def models() -> list[str]:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:8000/v1/models", timeout=1) as response:
+                return [entry["id"] for entry in json.loads(response.read())["data"]]
+        except OSError:
+            return []
+
+    assert models() == ["served"]
+    # kubectl logs reaches the container's output through kwok.
+    logs = sandbox.kubectl("logs", "-n", namespace, pod["metadata"]["name"], check=False)
+    assert logs.returncode == 0, logs.stderr
+    assert "simulator stands in" in logs.stdout
+    # The pod goes away: so does its process.
+    sandbox.kubectl("scale", "deployment/served", "-n", namespace, "--replicas=0")
+    assert wait_for(lambda: not models(), 20)
+
+
+def test_a_crashing_container_is_restarted_with_backoff_and_counted(sandbox: Sandbox, namespace: str) -> None:
+    # The simulator refuses a port that is not a number and exits: the runner restarts it and counts.
+    sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=vllm_deployment("crashing", ["m", "--port", "eighty"]))
+
+    def restarts() -> int:
+        found = pods(sandbox, namespace, "app=crashing")
+        statuses = found[0]["status"].get("containerStatuses") if found else None
+        return int(statuses[0].get("restartCount", 0)) if statuses else 0
+
+    assert wait_for(lambda: restarts() >= 2, 30)
+    [pod] = pods(sandbox, namespace, "app=crashing")
+    [status] = pod["status"]["containerStatuses"]
+    assert not ready(pod) and not status["ready"]
+    assert status["lastState"]["terminated"]["exitCode"] != 0
+    previous = sandbox.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--previous", check=False)
+    assert "eighty" in previous.stdout, previous.stderr
 
 
 def test_deleting_a_deployment_garbage_collects_its_pods(sandbox: Sandbox, namespace: str) -> None:
@@ -137,11 +180,13 @@ def test_second_sandbox_recovers_from_a_crash_reports_taken_ports_and_stops_clea
         other.up()
         assert other.is_up()
         assert "argosy-sandbox" in other.kubectl("config", "current-context").stdout
+        # Its pods get IPs of their own: two sandboxes' pod runners never bind the same address.
+        assert other.pod_cidr != allocate_pod_cidr(Sandbox().state)
 
         # Up again: nothing restarts.
         messages.clear()
         other.up()
-        assert sum("already running" in message for message in messages) == 5
+        assert sum("already running" in message for message in messages) == len(Sandbox.COMPONENTS)
 
         # Crash the apiserver hard; its pid file goes stale. Up repairs it.
         apiserver_pid = int(other.pid_path("kube-apiserver").read_text())

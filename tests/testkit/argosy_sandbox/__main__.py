@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from . import build, standin_model, versions, vllm_runtime
@@ -85,28 +82,12 @@ def cmd_gomod(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run_pods(args: argparse.Namespace) -> int:
-    if not args.vllm_sim and not args.command:
-        print("error: give a command template or --vllm-sim", file=sys.stderr)
-        return 2
-    from .podrunner import SERVING_PODS_SELECTOR, PodRunner, template_command, vllm_simulator_command
+def cmd_pod_runner(args: argparse.Namespace) -> int:
+    """The kubelet stand-in (started by `up`, stopped by `down`; not meant to be run by hand)."""
+    from .podrunner import main as run_pods
 
     sandbox = _sandbox(args)
-    runner = PodRunner(
-        kubeconfig=sandbox.kubeconfig,
-        namespace=args.namespace,
-        label_selector=args.selector or SERVING_PODS_SELECTOR,
-        command=vllm_simulator_command() if args.vllm_sim else template_command(shlex.split(args.command)),
-        log_dir=sandbox.log_dir / "pods",
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    runner.start()
-    print(f"pod runner: one process per Running pod matching {args.selector!r}; Ctrl-C to stop", file=sys.stderr)
-    stop.wait()
-    runner.stop()
-    return 0
+    return run_pods(sandbox.state, Path(args.kubeconfig), args.port, args.default_vllm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,19 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("down", help="stop every sandbox process").set_defaults(func=cmd_down)
     commands.add_parser("status", help="show components and nodes").set_defaults(func=cmd_status)
     commands.add_parser("gomod", help="regenerate the kubernetes wrapper go.mod").set_defaults(func=cmd_gomod)
-    run_pods = commands.add_parser("run-pods", help="run one process per Running pod, bound to its IP")
-    run_pods.add_argument("--selector", help="label selector of the pods (default: the operator's serving pods)")
-    run_pods.add_argument("--namespace", help="namespace (default: all)")
-    run_pods.add_argument(
-        "--vllm-sim", action="store_true",
-        help="run the vLLM simulator on port 8000 with the pod's served model names (instead of a template)",
+    pod_runner = commands.add_parser(
+        "pod-runner", help="the sandbox's kubelet stand-in (`up` starts it; runs pods' containers as processes)"
     )
-    run_pods.add_argument(
-        "command",
-        nargs="?",
-        help="command template; {pod_ip}, {pod_name}, {namespace}, {annotations[KEY]}, {labels[KEY]} are filled in",
+    pod_runner.add_argument("--port", type=int, required=True, help="health port on 127.0.0.1")
+    pod_runner.add_argument("--kubeconfig", required=True, help="the sandbox's kubeconfig")
+    pod_runner.add_argument(
+        "--default-vllm", default="simulator", choices=("simulator", "real"),
+        help="what serves vLLM pods that choose nothing (label/annotation sandbox.argosy.dev/vllm)",
     )
-    run_pods.set_defaults(func=cmd_run_pods)
+    pod_runner.set_defaults(func=cmd_pod_runner)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -72,8 +72,8 @@ HELM = Component("helm", versions.HELM, ("helm",))
 ALL_COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
 
 
-def helm_binary() -> Path | None:
-    """The pinned helm: from the cache, else on PATH, else built now when Go is there; None without either."""
+def helm_binary() -> Path:
+    """The pinned helm: from the cache, else on PATH, else built now with Go; BuildError without either."""
     if HELM.is_built():
         return HELM.binary("helm")
     found = shutil.which("helm")
@@ -82,7 +82,8 @@ def helm_binary() -> Path | None:
     if shutil.which("go"):
         ensure_built((HELM,))
         return HELM.binary("helm")
-    return None
+    raise BuildError("helm is missing: neither the sandbox's cached helm, `helm` on PATH, nor Go to build it "
+                     "(install Go 1.26+ and run `make sandbox-build`)")
 
 
 def kwok_stage_files() -> list[Path]:

@@ -9,6 +9,7 @@ processes whose pid file was lost.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -29,12 +30,17 @@ from typing import Any
 import yaml
 
 from . import build, pki
-from .paths import kubectl_path, state_dir
+from .kubelet_plan import DEFAULT_BACKEND, LOGS_CRD, POD_UID_ENV, STATE_ENV, kwok_pod_stages
+from .paths import cache_dir, kubectl_path, state_dir
 from .pools import DEFAULT_POOLS, POOL_LABEL, NodePool, node_manifests
 
-# Pods get addresses from this loopback range, so a process bound to a pod's IP is
-# reachable from this machine and test traffic never leaves 127.0.0.0/8.
-POD_CIDR = "127.64.0.0/16"
+# Pods get addresses from a loopback /16, so a process bound to a pod's IP is reachable
+# from this machine and test traffic never leaves 127.0.0.0/8. Every sandbox on the machine
+# (one per checkout, plus the tests' own) gets a /16 of its own: the pod runner binds real
+# processes to pod IPs, and two sandboxes handing out the same IP would route into each other.
+# 127.64.0.0/16 was once every sandbox's range, so it is left out for sandboxes that still use it.
+POD_CIDR_OCTETS = range(65, 255)
+POD_CIDR_REGISTRY = "pod-cidrs.json"
 NODE_IP = "127.0.0.1"
 
 Reporter = Callable[[str], None]
@@ -56,6 +62,7 @@ class Ports:
     controller_manager: int
     scheduler: int
     kwok: int
+    pod_runner: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ def free_port(exclude: set[int] | frozenset[int] = frozenset()) -> int:
 
 
 class Sandbox:
-    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+    COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "pod-runner")
 
     def __init__(
         self,
@@ -159,6 +166,7 @@ class Sandbox:
             "kube-controller-manager": ports.controller_manager,
             "kube-scheduler": ports.scheduler,
             "kwok": ports.kwok,
+            "pod-runner": ports.pod_runner,
         }[component]
 
     def _choose_ports(self, running: set[str]) -> tuple[Ports, set[str]]:
@@ -175,11 +183,13 @@ class Sandbox:
             "controller_manager": "kube-controller-manager",
             "scheduler": "kube-scheduler",
             "kwok": "kwok",
+            "pod_runner": "pod-runner",
         }
         values: dict[str, int] = {}
         changed: set[str] = set()
         for field_name in fields:
             current = getattr(recorded, field_name) if recorded else None
+            current = current or None  # 0: not chosen yet (a state dir from before the pod runner)
             component = owner[field_name]
             if current is not None and (component in running or port_is_free(current)):
                 values[field_name] = current
@@ -215,8 +225,7 @@ class Sandbox:
             status = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        zombie = status.rsplit(")", 1)[-1].split()[0] == "Z"
-        return not zombie and str(self.state) in cmdline
+        return not _is_zombie(status) and str(self.state) in cmdline
 
     def orphan_pids(self) -> list[int]:
         """Every live process whose command line points into this state directory."""
@@ -254,9 +263,8 @@ class Sandbox:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
-            if Path(f"/proc/{pid}/stat").exists():
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-                if state == "Z":
+            with contextlib.suppress(OSError):
+                if _is_zombie(Path(f"/proc/{pid}/stat").read_text()):
                     return
             time.sleep(0.1)
         try:
@@ -338,19 +346,46 @@ class Sandbox:
                 "--v=1",
             ]
         if component == "kwok":
-            stages = [f"--config={path}" for path in build.kwok_stage_files()]
+            stages = [f"--config={path}" for path in self._kwok_stage_files()]
             return [
                 str(build.KWOK.binary("kwok")),
                 f"--kubeconfig={kubeconfig}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                f"--cidr={POD_CIDR}",
+                f"--cidr={self.pod_cidr}",
                 f"--node-ip={NODE_IP}",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{ports.kwok}",
+                # Nodes advertise kwok's server as their kubelet, so `kubectl logs` reaches it,
+                # and kwok reads where each pod's logs are from Logs objects the pod runner writes.
+                f"--node-port={ports.kwok}",
+                "--enable-crds=Logs",
                 *stages,
             ]
+        if component == "pod-runner":
+            return [
+                sys.executable, "-m", "argosy_sandbox", "--state", str(self.state), "pod-runner",
+                "--port", str(ports.pod_runner), "--kubeconfig", str(self._component_kubeconfig()),
+                "--default-vllm", os.environ.get("ARGOSY_SANDBOX_VLLM", DEFAULT_BACKEND),
+            ]
         raise ValueError(component)
+
+    def _kwok_stage_files(self) -> list[Path]:
+        """kwok's stock stages, with pod-ready limited to pods the pod runner does not own, plus its own start stage."""
+        directory = self.state / "kwok-stages"
+        directory.mkdir(parents=True, exist_ok=True)
+        files = []
+        for stock in build.kwok_stage_files():
+            if stock.name != "pod-ready.yaml":
+                files.append(stock)
+                continue
+            for index, stage in enumerate(kwok_pod_stages(yaml.safe_load(stock.read_text()))):
+                path = directory / f"{index}-{stage['metadata']['name']}.yaml"
+                text = yaml.safe_dump(stage, sort_keys=False)
+                if not path.exists() or path.read_text() != text:
+                    path.write_text(text)
+                files.append(path)
+        return files
 
     def _ssl_context(self, verify: bool) -> ssl.SSLContext:
         if verify:
@@ -373,6 +408,15 @@ class Sandbox:
         except (urllib.error.URLError, OSError):
             return 0, ""
 
+    def _command_path(self, component: str) -> Path:
+        return self.run_dir / f"{component}.command.json"
+
+    def _recorded_command(self, component: str) -> list[str] | None:
+        try:
+            return list(json.loads(self._command_path(component).read_text()))
+        except (OSError, ValueError):
+            return None
+
     def _healthy(self, component: str, ports: Ports) -> bool:
         if component == "etcd":
             code, body = self._get(f"http://127.0.0.1:{ports.etcd_client}/health")
@@ -386,6 +430,8 @@ class Sandbox:
             return self._get(f"https://127.0.0.1:{ports.scheduler}/healthz")[0] == 200
         if component == "kwok":
             return self._get(f"http://127.0.0.1:{ports.kwok}/healthz")[0] == 200
+        if component == "pod-runner":
+            return self._get(f"http://127.0.0.1:{ports.pod_runner}/healthz")[0] == 200
         raise ValueError(component)
 
     # -- kubeconfig ------------------------------------------------------------------------------
@@ -439,6 +485,7 @@ class Sandbox:
 
     def _up_locked(self, timeout: float) -> None:
         pki.ensure_pki(self.pki_dir)
+        self.pod_cidr = allocate_pod_cidr(self.state)
 
         running = {component for component in self.COMPONENTS if self._pid_of(component) is not None}
         ports, changed = self._choose_ports(running)
@@ -449,12 +496,17 @@ class Sandbox:
             if component in changed:
                 # Components after one that moved were started against its old port.
                 restart_rest = True
-            if pid is not None and not restart_rest and self._healthy(component, ports):
+            same_command = self._recorded_command(component) == self._command(component, ports)
+            if pid is not None and not restart_rest and same_command and self._healthy(component, ports):
                 self.report(f"  {component}: already running (pid {pid}, port {self._port_of(component, ports)})")
                 continue
             if pid is not None:
-                self.report(f"  {component}: restarting (pid {pid} was unhealthy or its dependencies moved)")
+                why = "its command changed" if not same_command else "it was unhealthy or its dependencies moved"
+                self.report(f"  {component}: restarting (pid {pid}: {why})")
                 self._terminate(pid)
+            if component == "kwok":
+                self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=argosy-sandbox",
+                             "-f", "-", input=json.dumps(LOGS_CRD))
             self._start(component, ports, timeout)
         self.sync_nodes(timeout=timeout)
 
@@ -482,6 +534,7 @@ class Sandbox:
                 cwd=self.state,
             )
         self.pid_path(component).write_text(f"{process.pid}\n")
+        self._command_path(component).write_text(json.dumps(self._command(component, ports)) + "\n")
         deadline = time.monotonic() + timeout
         began = time.monotonic()
         while time.monotonic() < deadline:
@@ -513,6 +566,10 @@ class Sandbox:
     def sync_nodes(self, timeout: float = 60.0) -> None:
         """Make the cluster's simulated nodes exactly the configured pools, and wait for them to be Ready."""
         manifests = node_manifests(self.pools)
+        ports = self.load_ports()
+        if ports is not None:
+            for node in manifests:
+                node["status"]["daemonEndpoints"] = {"kubeletEndpoint": {"Port": ports.kwok}}
         wanted = {node["metadata"]["name"] for node in manifests}
         existing = {
             node["metadata"]["name"]: node
@@ -573,6 +630,10 @@ class Sandbox:
                 stopped.append(pid)
                 self.report(f"  {pid_file.stem}: stopped (pid {pid})")
             pid_file.unlink(missing_ok=True)
+        for pid in container_pids_of(self.state):
+            self._terminate(pid)
+            stopped.append(pid)
+            self.report(f"  stopped container process {pid}")
         for pid in self.orphan_pids():
             self._terminate(pid)
             stopped.append(pid)
@@ -596,6 +657,55 @@ class Sandbox:
 
     def is_up(self) -> bool:
         return all(status.state == "running" for status in self.status())
+
+
+def allocate_pod_cidr(state: Path) -> str:
+    """This sandbox's pod range, ``127.N.0.0/16``: kept once given, never the same as another live sandbox's.
+
+    The machine-wide registry in the cache maps state directories to N; entries of state
+    directories that no longer exist are given back.
+    """
+    registry = cache_dir() / POD_CIDR_REGISTRY
+    with build.file_lock(POD_CIDR_REGISTRY + ".lock"):
+        try:
+            taken = {str(k): int(v) for k, v in json.loads(registry.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            taken = {}
+        taken = {path: octet for path, octet in taken.items() if Path(path).exists()}
+        octet = taken.get(str(state))
+        if octet is None:
+            free = [n for n in POD_CIDR_OCTETS if n not in set(taken.values())]
+            if not free:
+                raise SandboxError(f"every pod range 127.{{65..254}}.0.0/16 is taken; see {registry}")
+            octet = free[0]
+            taken[str(state)] = octet
+            tmp = registry.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(taken, indent=1, sort_keys=True) + "\n")
+            tmp.replace(registry)
+    return f"127.{octet}.0.0/16"
+
+
+def container_pids_of(state: Path) -> list[int]:
+    """Processes the pod runner of this state directory started for pods (marked in their environment)."""
+    marker = f"{STATE_ENV}={state}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            status = (entry / "stat").read_text()
+        except OSError:
+            continue
+        pod_process = any(item.startswith(POD_UID_ENV.encode() + b"=") for item in environ)
+        if marker in environ and pod_process and not _is_zombie(status):
+            found.append(int(entry.name))
+    return found
+
+
+def _is_zombie(proc_stat: str) -> bool:
+    """From the text of /proc/<pid>/stat: the state field (after the command name in parentheses) is Z."""
+    return proc_stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def _tail(path: Path, lines: int = 15) -> str:

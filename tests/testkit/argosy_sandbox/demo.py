@@ -1,42 +1,44 @@
-"""`make demo`: Argosy end to end on the local sandbox, with a real answer at the end.
+"""`make demo`: Argosy end to end on the local sandbox, with a real vLLM answer at the end.
 
-Steps: sandbox up → `helm install` of charts/argosy → the operator and the gateway
-as local processes (this machine has no container runtime, so the chart's
-Deployments are scheduled onto simulated nodes but no container runs) → two
-LLMDeployments from manifests/examples → the vLLM simulator on each serving pod's
-IP → one chat completion through the gateway with the OpenAI SDK.
+Steps: sandbox up (control plane, simulated GPU nodes, the pod runner) → vLLM's CPU build and
+the stand-in model → `helm install` of charts/argosy, whose operator and gateway pods the pod
+runner runs as the chart says → two LLMDeployments from manifests/examples: llama-8b served by
+real vLLM, mistral-7b by the simulator → one streaming chat completion through the gateway pod
+with the OpenAI SDK, saying which pod and which vLLM answered.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from . import build
-from .cluster import Sandbox, free_port
+import yaml
+
+from . import chart
+from .cluster import Sandbox
+from .kubelet_plan import BACKEND_KEY
 from .paths import REPO_ROOT
-from .podrunner import wait_for
 
 NAMESPACE = "argosy-demo"
+RELEASE = "argosy"
 RELEASE_NAMESPACE = "argosy-system"
 EXAMPLE = REPO_ROOT / "manifests" / "examples" / "two-models.yaml"
-MODELS = ("llama-8b", "mistral-7b")
-BIN = Path(sys.executable).parent
+REAL_MODEL = "llama-8b"  # served by vLLM's CPU build with the stand-in model
+SIMULATED_MODEL = "mistral-7b"  # served by the simulator
+MODELS = (REAL_MODEL, SIMULATED_MODEL)
+TOTAL_STEPS = 7
 
 
 class DemoError(RuntimeError):
     pass
 
 
-def step(number: int, total: int, text: str) -> float:
-    print(f"\n[{number}/{total}] {text}", flush=True)
+def step(number: int, text: str) -> float:
+    print(f"\n[{number}/{TOTAL_STEPS}] {text}", flush=True)
     return time.monotonic()
 
 
@@ -45,167 +47,133 @@ def done(started: float, detail: str = "") -> None:
     print(f"      done in {time.monotonic() - started:.1f} s{suffix}", flush=True)
 
 
-def wait(predicate: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    if not wait_for(predicate, timeout, interval=0.25):
-        hint = f"; see {log}" if log else ""
-        raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}{hint}")
+def say(text: str) -> None:
+    print(f"      {text}", flush=True)
 
 
-def start_background(sandbox: Sandbox, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    """A long-running demo process: own process group, log file, pid file that `make sandbox-down` honours."""
-    pid_path = sandbox.run_dir / f"demo-{name}.pid"
-    if pid_path.exists():
-        try:
-            old = int(pid_path.read_text())
-            if sandbox._is_ours(old):
-                Sandbox._terminate(old)
-        except ValueError:
-            pass
-    log_path = sandbox.log_dir / f"demo-{name}.log"
-    with log_path.open("a") as log:
-        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)} ====\n")
-        log.flush()
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})}, cwd=REPO_ROOT,
-        )
-    pid_path.write_text(f"{process.pid}\n")
-    return process.pid
+def wait(predicate: Callable[[], bool], timeout: float, what: str, progress: Callable[[], str] | None = None) -> None:
+    """Wait, printing what is happening every 10 s when there is a way to tell."""
+    started = time.monotonic()
+    last = started
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if progress is not None and time.monotonic() - last >= 10:
+            last = time.monotonic()
+            say(f"... {time.monotonic() - started:.0f} s: {progress()}")
+        time.sleep(0.5)
+    raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def http_ok(url: str) -> bool:
+def get_json(url: str, timeout: float = 2) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
 
 
-def lld_status(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
-    listing = sandbox.kubectl("get", "llmdeployments", "-n", NAMESPACE, "-o", "json", check=False)
-    if listing.returncode != 0:
-        return {}
-    return {item["metadata"]["name"]: item.get("status") or {} for item in json.loads(listing.stdout)["items"]}
+def serving_pod(sandbox: Sandbox, model: str) -> dict[str, Any] | None:
+    found = chart.pods(sandbox, NAMESPACE, f"argosy.dev/deployment={model}")
+    live = [pod for pod in found if not pod["metadata"].get("deletionTimestamp")]
+    return live[0] if live else None
+
+
+def last_log_line(sandbox: Sandbox, pod: dict[str, Any] | None) -> str:
+    if pod is None:
+        return "waiting for the operator to create the pod"
+    logs = sandbox.kubectl("logs", "-n", NAMESPACE, pod["metadata"]["name"], "--tail=1", check=False)
+    line = (logs.stdout.strip().splitlines() or ["(no output yet)"])[-1]
+    return f"{pod['metadata']['name']} not Ready yet; its log: {line[:140]}"
 
 
 def main() -> int:
-    total = 7
     overall = time.monotonic()
-    sandbox = Sandbox(report=lambda message: print(f"      {message.strip()}", flush=True))
-    kubeconfig = str(sandbox.kubeconfig)
-    helm = str(build.HELM.binary("helm"))
+    sandbox = Sandbox(report=lambda message: say(message.strip()))
     try:
-        began = step(1, total, "sandbox: a real Kubernetes control plane with simulated GPU nodes")
+        began = step(1, "sandbox: a real Kubernetes control plane, simulated GPU nodes, and the pod runner")
         sandbox.up()
         done(began)
 
-        began = step(2, total, "helm install charts/argosy (CRDs, operator, gateway, RBAC) into the sandbox")
-        result = subprocess.run(
-            [helm, "upgrade", "--install", "argosy", str(REPO_ROOT / "charts" / "argosy"),
-             "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--kubeconfig", kubeconfig,
-             # The CRD may already exist from `kubectl apply -f manifests/crds` or an earlier run.
-             # Taking it over means overriding whoever last wrote its ownership annotations.
-             "--take-ownership", "--force-conflicts", "--wait", "--timeout", "120s"],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0:
-            raise DemoError(f"helm install failed:\n{result.stderr or result.stdout}")
-        pods = sandbox.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-o",
-                               "custom-columns=POD:.metadata.name,NODE:.spec.nodeName,PHASE:.status.phase",
-                               "--no-headers").stdout
-        print("      the chart's pods, scheduled onto simulated nodes (no container runtime here, so no")
-        print("      container runs in them; the operator and gateway run as local processes instead):")
-        for line in pods.strip().splitlines():
-            print(f"        {line}")
+        began = step(2, "vLLM's CPU build and the tiny stand-in model (first run: a few GB, minutes)")
+        from . import standin_model, vllm_runtime
+
+        vllm_runtime.ensure_runtime(say)
+        model_dir = standin_model.ensure_model(say)
+        done(began, f"stand-in model in {model_dir}")
+
+        began = step(3, "helm install charts/argosy: the chart's operator and gateway pods run for real")
+        wait(lambda: sandbox.kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}",
+                                     check=False).stdout != "Terminating",
+             120, f"namespace {NAMESPACE} from an earlier demo to finish terminating")
+        sandbox.kubectl("create", "namespace", NAMESPACE, check=False)
+        chart.install(sandbox, RELEASE, RELEASE_NAMESPACE, "--set", f"watchNamespaces={{{NAMESPACE}}}")
+        say("the chart's pods (Ready through their own probes; the process is the chart's container):")
+        for component in ("operator", "gateway"):
+            pod = chart.component_pod(sandbox, RELEASE_NAMESPACE, RELEASE, component)
+            if pod is None or not chart.is_ready(pod):
+                raise DemoError(f"the chart's {component} pod is not Ready after helm --wait")
+            pid = chart.container_pid(pod)
+            command = " ".join(chart.program_args(chart.cmdline(pid), f"argosy-{component}") or []) if pid else "?"
+            say(f"  {pod['metadata']['name']} on {pod['spec']['nodeName']} at {pod['status']['podIP']}: "
+                f"argosy-{component} {command} (pid {pid})")
+        gateway_pod = chart.component_pod(sandbox, RELEASE_NAMESPACE, RELEASE, "gateway")
+        assert gateway_pod is not None
+        gateway = f"http://{gateway_pod['status']['podIP']}:{chart.GATEWAY_PORT}"
         done(began)
 
-        began = step(3, total, "operator and gateway as local processes against the sandbox")
-        metrics_port = free_port()
-        operator_pid = start_background(
-            sandbox, "operator",
-            [str(BIN / "argosy-operator"), "run", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE,
-             "--metrics-port", str(metrics_port)],
-        )
-        gateway_port = int(os.environ.get("ARGOSY_DEMO_GATEWAY_PORT") or free_port({metrics_port}))
-        gateway_config = sandbox.state / "demo-gateway.yaml"
-        gateway_config.write_text(
-            f"discovery: kubernetes\nkubeconfig: {kubeconfig}\nnamespaces: [{NAMESPACE}]\n"
-        )
-        gateway_pid = start_background(
-            sandbox, "gateway",
-            [str(BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(gateway_port),
-             "--config", str(gateway_config)],
-        )
-        gateway = f"http://127.0.0.1:{gateway_port}"
-        wait(lambda: http_ok(f"{gateway}/healthz"), 60, "the gateway", sandbox.log_dir / "demo-gateway.log")
-        done(began, f"operator pid {operator_pid}, gateway pid {gateway_pid} on {gateway}")
-
-        began = step(4, total, f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)} (two models)")
-        def namespace_not_terminating() -> bool:
-            phase = sandbox.kubectl("get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False)
-            return phase.stdout != "Terminating"
-
-        wait(namespace_not_terminating, 120, f"namespace {NAMESPACE} from an earlier demo to finish terminating")
-        sandbox.kubectl("create", "namespace", NAMESPACE, check=False)
+        began = step(4, f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)}: {REAL_MODEL} on real vLLM "
+                        f"({BACKEND_KEY}=real, engine.enforceEager=true), {SIMULATED_MODEL} on the simulator")
         sandbox.kubectl("create", "secret", "generic", "hf-token", "-n", NAMESPACE,
                         "--from-literal=token=demo-token-not-used", check=False)
-        sandbox.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
+        documents = [doc for doc in yaml.safe_load_all(EXAMPLE.read_text()) if doc]
+        for document in documents:
+            if document["metadata"]["name"] == REAL_MODEL:
+                document["metadata"].setdefault("annotations", {})[BACKEND_KEY] = "real"
+                # No torch.compile at start: about a minute less on a CPU; the server is the same.
+                document["spec"].setdefault("engine", {})["enforceEager"] = True
+        sandbox.kubectl("apply", "-n", NAMESPACE, "-f", "-",
+                        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
 
-        def placed() -> bool:
-            statuses = lld_status(sandbox)
-            return all((statuses.get(name) or {}).get("readyReplicas") == 1 for name in MODELS)
+        def both_ready() -> bool:
+            return all(chart.is_ready(serving_pod(sandbox, model)) for model in MODELS)
 
-        wait(placed, 90, "both LLMDeployments to report a ready replica", sandbox.log_dir / "demo-operator.log")
-        for name, status in sorted(lld_status(sandbox).items()):
-            placement = status.get("placement") or {}
-            print(f"      {name}: TP={placement.get('tensorParallelSize')} PP={placement.get('pipelineParallelSize')}"
-                  f" on {placement.get('gpuProduct')}; {placement.get('reason', '')}")
+        wait(both_ready, 600, "both serving pods to be Ready (vLLM answers /health)",
+             progress=lambda: last_log_line(sandbox, serving_pod(sandbox, REAL_MODEL)))
+        for model in MODELS:
+            pod = serving_pod(sandbox, model)
+            assert pod is not None
+            lld = json.loads(sandbox.kubectl("get", "lld", model, "-n", NAMESPACE, "-o", "json").stdout)
+            placement = (lld.get("status") or {}).get("placement") or {}
+            say(f"{model}: pod {pod['metadata']['name']} at {pod['status']['podIP']}:8000, "
+                f"TP={placement.get('tensorParallelSize')} PP={placement.get('pipelineParallelSize')} "
+                f"on {placement.get('gpuProduct')}")
         done(began)
 
-        began = step(5, total, "vLLM simulator on each serving pod's IP (pod runner)")
-        start_background(
-            sandbox, "pod-runner",
-            [sys.executable, "-m", "argosy_sandbox", "--state", str(sandbox.state), "run-pods",
-             "--namespace", NAMESPACE, "--vllm-sim"],
-        )
-
-        def serving_ips() -> list[str]:
-            listing = sandbox.kubectl("get", "pods", "-n", NAMESPACE, "-l", "argosy.dev/role=server", "-o", "json")
-            return [ip for pod in json.loads(listing.stdout)["items"] if (ip := (pod.get("status") or {}).get("podIP"))]
-
-        def simulators_answer() -> bool:
-            ips = serving_ips()
-            return len(ips) >= len(MODELS) and all(http_ok(f"http://{ip}:8000/health") for ip in ips)
-
-        wait(simulators_answer, 60, "a simulator to answer on every serving pod's IP",
-             sandbox.log_dir / "demo-pod-runner.log")
+        began = step(5, "the gateway pod routes both models")
 
         def models_ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{gateway}/v1/models", timeout=2) as response:
-                    listing = json.loads(response.read())
-            except (OSError, ValueError):
-                return False
+            listing = get_json(f"{gateway}/v1/models") or {}
             ready = {entry["id"] for entry in listing.get("data", []) if entry.get("argosy", {}).get("ready")}
             return set(MODELS) <= ready
 
-        wait(models_ready, 60, "the gateway to list both models as ready", sandbox.log_dir / "demo-gateway.log")
-        done(began, ", ".join(f"http://{ip}:8000" for ip in serving_ips()))
+        wait(models_ready, 60, f"the gateway ({gateway}) to list both models as ready")
+        done(began, gateway)
 
-        began = step(6, total, "one chat completion through the gateway with the OpenAI SDK")
-        answer = ask(gateway, sandbox)
-        print(f"      {answer}")
+        began = step(6, f"one streaming chat completion for {REAL_MODEL} through the gateway, with the OpenAI SDK")
+        ask(gateway, sandbox)
         done(began)
 
-        step(7, total, f"Argosy is running (demo took {time.monotonic() - overall:.0f} s). Poke it:")
+        step(7, f"Argosy is running (this demo took {time.monotonic() - overall:.0f} s). Poke it:")
         print(f"""
-      export KUBECONFIG={kubeconfig}
-      kubectl get lld -n {NAMESPACE}                 # models, TP/PP, replicas, readiness
-      kubectl scale lld/llama-8b -n {NAMESPACE} --replicas=2
+      export KUBECONFIG={sandbox.kubeconfig}
+      kubectl get pods -A -o wide                       # the chart's pods and the serving pods
+      kubectl get lld -n {NAMESPACE}                    # models, TP/PP, replicas, readiness
+      kubectl logs -n {NAMESPACE} deploy/{REAL_MODEL}             # real vLLM's own log
       curl -s {gateway}/v1/models
       curl -s {gateway}/v1/chat/completions -H 'Content-Type: application/json' \\
-           -d '{{"model": "mistral-7b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-      logs: {sandbox.log_dir}/demo-operator.log, demo-gateway.log, demo-pod-runner.log
+           -d '{{"model": "{REAL_MODEL}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
       stop the demo: python -m argosy_sandbox.demo stop; stop everything: make sandbox-down
 """)
         return 0
@@ -214,40 +182,43 @@ def main() -> int:
         return 1
 
 
-def stop() -> int:
-    """Stop the demo's processes (operator, gateway, pod runner and its simulators); the sandbox keeps running."""
-    sandbox = Sandbox()
-    stopped = 0
-    for pid_path in sorted(sandbox.run_dir.glob("demo-*.pid")):
-        try:
-            pid = int(pid_path.read_text())
-        except ValueError:
-            pid = 0
-        if pid and sandbox._is_ours(pid):
-            Sandbox._terminate(pid)
-            stopped += 1
-        pid_path.unlink(missing_ok=True)
-    sandbox.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-    print(f"demo stopped ({stopped} processes); the sandbox is still up (make sandbox-down stops it)")
-    return 0
-
-
-def ask(gateway: str, sandbox: Sandbox) -> str:
+def ask(gateway: str, sandbox: Sandbox) -> None:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{gateway}/v1", api_key="demo", max_retries=5, timeout=30)
-    raw = client.chat.completions.with_raw_response.create(
-        model="llama-8b",
-        messages=[{"role": "user", "content": "In one sentence, what is Argosy?"}],
-        max_tokens=24,
-    )
-    completion = raw.parse()
-    endpoint = raw.headers.get("x-argosy-endpoint", "?")
+    client = OpenAI(base_url=f"{gateway}/v1", api_key="demo", max_retries=3, timeout=60)
+    question = "Tell me about the sea."
+    say(f"user: {question}")
+    print(f"      {REAL_MODEL}: ", end="", flush=True)
+    with client.chat.completions.with_streaming_response.create(
+        model=REAL_MODEL, messages=[{"role": "user", "content": question}], max_tokens=32, stream=True,
+    ) as response:
+        endpoint = response.headers.get("x-argosy-endpoint", "?")
+        text = []
+        for chunk in response.parse():
+            for choice in chunk.choices:
+                piece = choice.delta.content or ""
+                text.append(piece)
+                print(piece, end="", flush=True)
+    print(flush=True)
     ip = endpoint.split(":")[0]
     pods = json.loads(sandbox.kubectl("get", "pods", "-n", NAMESPACE, "-o", "json").stdout)["items"]
     pod = next((p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("podIP") == ip), "?")
-    text = completion.choices[0].message.content
-    return f"model {completion.model!r} answered from pod {pod} ({endpoint}): {text!r}"
+    version = (get_json(f"http://{endpoint}/version") or {}).get("version", "?")
+    say(f"answered by pod {pod} at {endpoint}: vLLM {version} (its CPU build), streamed through the gateway pod")
+    say("note: the weights are a tiny stand-in model the sandbox trained in seconds (there is no GPU and no")
+    say("      model hub here), so the words are legible but not Llama's. Everything else is the real path:")
+    say("      the operator's `vllm serve` arguments, vLLM's OpenAI server, the gateway, the OpenAI SDK.")
+    if not "".join(text).strip():
+        raise DemoError("the stream carried no text")
+
+
+def stop() -> int:
+    """Uninstall the demo's release and delete its namespace; the sandbox keeps running."""
+    sandbox = Sandbox()
+    sandbox.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+    chart.helm(sandbox, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, check=False)
+    print("demo stopped; the sandbox is still up (make sandbox-down stops it)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_gateway_settings_reach_the_gateway_environment(render, select):
 
 def test_gateway_settings_names_exist_in_the_gateway(render, select):
     """Every ARGOSY_GATEWAY_* variable the chart sets is a real gateway setting."""
-    settings = pytest.importorskip("argosy_gateway.settings")
+    import argosy_gateway.settings as settings
     fields = set(settings.GatewaySettings.model_fields)
     values = {"gateway": {"apiKeys": {"enabled": True, "keys": [{"name": "a", "sha256": HASH}]}}}
     container = select(render(values), "Deployment", "argosy-gateway")[0]["spec"]["template"]["spec"]["containers"][0]
@@ -169,7 +169,7 @@ def test_api_keys_are_mounted_from_a_secret_of_hashes(render, select):
     objects = render(values)
     secret = select(objects, "Secret", "argosy-gateway-api-keys")[0]
     keys_file = secret["stringData"]["keys.yaml"]
-    auth = pytest.importorskip("argosy_gateway.auth")
+    import argosy_gateway.auth as auth
     store = auth.parse_keys_file(keys_file)
     assert store.lookup("test") is not None and store.lookup("test").allows("llama-8b")
     assert store.lookup("wrong") is None
@@ -250,7 +250,7 @@ def test_monitoring_objects_scrape_the_right_ports(render, select):
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "argosy-operator"}
     assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
     # The serving pods' port name is the one the operator gives vLLM's container.
-    builders = pytest.importorskip("argosy_operator.builders")
+    import argosy_operator.builders as builders
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == builders.PORT_NAME
 
 
@@ -371,8 +371,8 @@ def test_notes_tell_the_user_what_to_do_next(run_helm, chart_dir):
 
 def test_container_arguments_are_accepted_by_the_real_command_lines(render, select):
     """The args the chart gives each container parse with the programs' own parsers."""
-    cli = pytest.importorskip("argosy_operator.cli")
-    gateway_cli = pytest.importorskip("argosy_gateway.cli")
+    import argosy_gateway.cli as gateway_cli
+    import argosy_operator.cli as cli
     objects = render(
         {
             "watchNamespaces": ["team-a", "team-b"],
@@ -381,7 +381,7 @@ def test_container_arguments_are_accepted_by_the_real_command_lines(render, sele
         }
     )
     operator_args = select(objects, "Deployment", "argosy-operator")[0]["spec"]["template"]["spec"]["containers"][0]
-    settings = pytest.importorskip("argosy_operator.settings")
+    import argosy_operator.settings as settings
     parsed = settings.settings_from_args(
         cli.resolve_run_args(cli.build_parser().parse_args(operator_args["args"])), env={}
     )

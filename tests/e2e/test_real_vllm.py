@@ -1,0 +1,255 @@
+"""Argosy against real vLLM: helm install, kubectl apply, the OpenAI SDK through the gateway pod.
+
+Nothing here is started by the test itself: the chart's operator and gateway pods run because
+the sandbox's pod runner runs them (with their ServiceAccounts' tokens), and the serving pod
+runs vLLM's CPU build with the operator's own `vllm serve` arguments (the model swapped for the
+sandbox's stand-in; docs/sandbox.md). One vLLM pod is shared by every test in this module, since
+it takes a minute or more to start on this machine; the tests run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import pytest
+from argosy_sandbox import chart
+from argosy_sandbox import kubelet_plan as plan
+from argosy_sandbox.cluster import Sandbox
+from argosy_sandbox.podrunner import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 512
+# Inline config.json facts (an 8B, Llama-shaped model) so the operator never asks the hub; the
+# sandbox serves the stand-in model whatever the facts say.
+FACTS = {
+    "hiddenSize": 4096, "numHiddenLayers": 32, "numAttentionHeads": 32, "numKeyValueHeads": 8,
+    "intermediateSize": 14336, "vocabSize": 128256, "maxPositionEmbeddings": 131072,
+}
+LLD = {
+    "apiVersion": "argosy.dev/v1alpha1",
+    "kind": "LLMDeployment",
+    "metadata": {"name": MODEL},
+    "spec": {
+        "model": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct", "servedModelNames": [MODEL], "facts": FACTS},
+        "replicas": 1,
+        "gpu": {"count": 1},
+        # No torch.compile at start: a minute less per vLLM start on this CPU (the server is the same).
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "enforceEager": True},
+    },
+}
+
+
+@dataclass
+class Release:
+    name: str
+    namespace: str
+    models: str
+    operator: dict[str, Any]
+    gateway: dict[str, Any]
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway['status']['podIP']}:{chart.GATEWAY_PORT}"
+
+
+@dataclass
+class Serving:
+    pod: dict[str, Any]
+    seen_loading: bool
+    """The process ran and /health did not answer while the pod was NotReady."""
+    loaded_in: float
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
+
+
+def _serving_pod(sandbox: Sandbox, namespace: str) -> dict[str, Any] | None:
+    found = [p for p in chart.pods(sandbox, namespace, f"argosy.dev/deployment={MODEL}")
+             if not p["metadata"].get("deletionTimestamp")]
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def release(sandbox: Sandbox) -> Iterator[Release]:
+    suffix = secrets.token_hex(3)
+    name, namespace, models = f"argosy-{suffix}", f"t-real-vllm-{suffix}", f"t-real-models-{suffix}"
+    sandbox.kubectl("create", "namespace", namespace)
+    sandbox.kubectl("create", "namespace", models)
+    # Every vLLM pod in this namespace runs real vLLM (the default is the simulator).
+    sandbox.kubectl("label", "namespace", models, f"{plan.BACKEND_KEY}=real")
+    chart.ensure_crd(sandbox)
+    try:
+        chart.install(sandbox, name, namespace, "--set", "crds.enabled=false", "--set", f"watchNamespaces={{{models}}}")
+        operator = chart.component_pod(sandbox, namespace, name, "operator")
+        gateway = chart.component_pod(sandbox, namespace, name, "gateway")
+        assert operator is not None and gateway is not None
+        yield Release(name, namespace, models, operator, gateway)
+    finally:
+        sandbox.kubectl("delete", "lld", "--all", "-n", models, "--wait=false", check=False)
+        chart.helm(sandbox, "uninstall", name, "--namespace", namespace, check=False)
+        for ns in (models, namespace):
+            sandbox.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def serving(sandbox: Sandbox, release: Release) -> Serving:
+    """kubectl apply of the LLMDeployment; watched until its pod is Ready (noting it was NotReady while loading)."""
+    sandbox.kubectl("apply", "-n", release.models, "-f", "-", input=json.dumps(LLD))
+    applied = time.monotonic()
+    seen_loading = False
+    deadline = applied + 600
+    while time.monotonic() < deadline:
+        pod = _serving_pod(sandbox, release.models)
+        if pod is not None and chart.is_ready(pod):
+            return Serving(pod, seen_loading, time.monotonic() - applied)
+        pid = chart.container_pid(pod) if pod is not None else None
+        if pid is not None and os.path.exists(f"/proc/{pid}"):
+            health = _get(f"http://{pod['status']['podIP']}:8000/health")  # type: ignore[index]
+            current = _serving_pod(sandbox, release.models)
+            seen_loading = seen_loading or (health != 200 and not chart.is_ready(current))
+        time.sleep(1)
+    pod = _serving_pod(sandbox, release.models)
+    name = pod["metadata"]["name"] if pod else "(no pod)"
+    logs = sandbox.kubectl("logs", "-n", release.models, name, "--tail=30", check=False).stdout if pod else ""
+    raise AssertionError(f"the vLLM pod {name} was not Ready in 600 s; its log:\n{logs}")
+
+
+def sdk(release: Release) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{release.gateway_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_the_charts_pods_are_ready_and_the_operator_reconciles_as_its_service_account(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    for pod, component in ((release.operator, "operator"), (release.gateway, "gateway")):
+        assert chart.is_ready(pod), f"{pod['metadata']['name']} is not Ready"
+        spec = pod["spec"]["containers"][0]
+        assert spec["readinessProbe"]["httpGet"]["path"] == "/readyz"  # Ready through the chart's own probe
+        kubeconfig = chart.pod_dir(sandbox, pod) / "kubeconfig"
+        whoami = sandbox.kubectl(f"--kubeconfig={kubeconfig}", "auth", "whoami",
+                                 "-o", "jsonpath={.status.userInfo.username}")
+        assert whoami.stdout == f"system:serviceaccount:{release.namespace}:{release.name}-{component}"
+    # The operator pod (and only it) reconciled the model: placement, the Deployment, status.
+    lld = json.loads(sandbox.kubectl("get", "lld", MODEL, "-n", release.models, "-o", "json").stdout)
+    conditions = {c["type"]: c["status"] for c in lld["status"]["conditions"]}
+    assert conditions["PlacementFound"] == "True"
+    assert lld["status"]["readyReplicas"] == 1
+    logs = sandbox.kubectl("logs", "-n", release.namespace, release.operator["metadata"]["name"]).stdout
+    assert MODEL in logs
+    assert "forbidden" not in logs.lower()
+
+
+def test_the_serving_pod_runs_vllm_serve_with_exactly_the_operators_arguments(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    from argosy_sandbox import standin_model, vllm_runtime
+
+    pod = serving.pod
+    pid = chart.container_pid(pod, "vllm")
+    assert pid is not None
+    container = pod["spec"]["containers"][0]
+    operator_args = plan.split_vllm_serve(plan.container_argv(container, "vllm", {}))
+    assert operator_args is not None
+    expected = plan.vllm_serve_args(operator_args, pod["status"]["podIP"], str(standin_model.ensure_model(print)))
+    # Only the model and the pod's listen address differ from what the operator wrote.
+    assert expected.args[1:-2] == operator_args[1:]
+    assert chart.cmdline(pid) == [*vllm_runtime.vllm_command(), "serve", *expected.args]
+    print(f"vLLM was Ready {serving.loaded_in:.0f} s after kubectl apply")
+    assert serving.seen_loading, "the pod was never seen NotReady while vLLM loaded"
+    assert _get(f"http://{pod['status']['podIP']}:8000/health") == 200
+
+
+def test_the_openai_sdk_gets_answers_and_errors_from_vllm_through_the_gateway_pod(
+    release: Release, serving: Serving
+) -> None:
+    with sdk(release) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+        chat = raw.parse()
+        assert chat.model == MODEL and chat.choices[0].message.content
+        assert raw.headers["x-argosy-endpoint"] == f"{serving.pod['status']['podIP']}:8000"
+        assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+        completion = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=8)
+        assert completion.choices[0].text and completion.usage is not None
+
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage is not None
+
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=MAX_MODEL_LEN * 4)
+        assert str(MAX_MODEL_LEN) in str(too_long.value)  # vLLM's own message, passed through
+
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+def test_logprobs_come_back_from_vllm_through_the_gateway_pod(release: Release, serving: Serving) -> None:
+    with sdk(release) as client:
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=2)
+    logprobs = chat.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert len(logprobs.content[0].top_logprobs) == 2
+
+
+def test_a_killed_vllm_is_restarted_counted_and_routed_around_until_ready(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    name = serving.pod["metadata"]["name"]
+
+    def pod() -> dict[str, Any]:
+        return json.loads(sandbox.kubectl("get", "pod", name, "-n", release.models, "-o", "json").stdout)
+
+    def ready_endpoints() -> int:
+        try:
+            with urllib.request.urlopen(f"{release.gateway_url}/v1/models", timeout=2) as response:
+                listing = json.loads(response.read())
+        except OSError:
+            return -1
+        return next((e["argosy"]["readyEndpoints"] for e in listing["data"] if e["id"] == MODEL), -1)
+
+    before = pod()["status"]["containerStatuses"][0]["restartCount"]
+    pid = chart.container_pid(pod(), "vllm")
+    assert pid is not None and ready_endpoints() == 1
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    assert wait_for(lambda: ready_endpoints() == 0, 10, interval=0.05)
+    dropped_in = time.monotonic() - killed
+    print(f"the gateway stopped routing to the killed pod {dropped_in:.2f} s after the kill")
+    assert dropped_in < 2.0
+    with sdk(release) as client, pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert refused.value.status_code == 503
+
+    assert wait_for(lambda: pod()["status"]["containerStatuses"][0]["restartCount"] == before + 1, 30)
+    assert wait_for(lambda: chart.is_ready(pod()), 600, interval=1), "vLLM did not come back"
+    assert wait_for(lambda: ready_endpoints() == 1, 10)
+    with sdk(release) as client:
+        again = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    assert again.choices[0].message.content
+    print(f"vLLM served again {time.monotonic() - killed:.0f} s after the kill")
