@@ -24,6 +24,16 @@ CATEGORIES = ("argosy",)
 # vLLM's OpenAI-compatible server image, pinned by tag (never `latest`).
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
+# A removed serving pod gets this long to finish its streams (spec.engine.terminationGracePeriodSeconds).
+DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS = 300
+MIN_TERMINATION_GRACE_PERIOD_SECONDS = 10
+
+# spec.autoscaling defaults (documented in docs/autoscaling.md).
+DEFAULT_TARGET_IN_FLIGHT_PER_REPLICA = 16
+DEFAULT_SCALE_UP_WINDOW_SECONDS = 15
+DEFAULT_SCALE_DOWN_WINDOW_SECONDS = 300
+DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS = 600
+
 MODEL_URI_SCHEMES = ("hf", "pvc", "s3")
 
 DType = Literal["auto", "bfloat16", "float16", "half", "float32", "float"]
@@ -432,6 +442,15 @@ class EngineSpec(ApiModel):
     generation_defaults: GenerationDefaults | None = Field(
         default=None, description="Sampling defaults for requests that leave them out."
     )
+    termination_grace_period_seconds: int = Field(
+        default=DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS,
+        ge=MIN_TERMINATION_GRACE_PERIOD_SECONDS,
+        le=86400,
+        description="How long a serving pod that is being removed (scale-down, rollout, group restart) may take "
+        "to finish its in-flight requests before it is killed. The gateway stops sending it new requests at "
+        "once; the pod's preStop hook waits until vLLM reports no running or waiting request, at most this long "
+        "minus a few seconds for vLLM to exit. Set it above your longest generation.",
+    )
 
 
 class SecretKeyRef(ApiModel):
@@ -483,6 +502,73 @@ class PlanningSpec(ApiModel):
         description="How many maxModelLen-token sequences a replica's KV cache should hold at once; the "
         "planner adds GPUs (within a node) until it does.",
     )
+
+
+class AutoscalingSpec(ApiModel):
+    """Replicas that follow the load: in-flight requests per replica, from the serving pods' vLLM metrics."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+                    "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+                },
+            ]
+        }
+    )
+
+    enabled: bool = Field(
+        default=False,
+        description="Let the operator set spec.replicas (through the scale subresource) from the load. Off: "
+        "spec.replicas is yours (or an HPA's or KEDA's).",
+    )
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=10000,
+        description="Fewest replicas. 0 allows scale to zero: the model sleeps after scaleToZeroAfterSeconds "
+        "without traffic and the gateway wakes it on the next request, holding that request until a replica "
+        "is ready.",
+    )
+    max_replicas: int = Field(ge=1, le=10000, description="Most replicas (the GPU budget of this model).")
+    target_in_flight_per_replica: int = Field(
+        default=DEFAULT_TARGET_IN_FLIGHT_PER_REPLICA,
+        ge=1,
+        le=100000,
+        description="Requests one replica should carry: vLLM's vllm:num_requests_running + "
+        "vllm:num_requests_waiting (leaders only for multi-node replicas), plus requests the gateway holds "
+        "for this model. Desired replicas = ceil(total / target).",
+    )
+    scale_up_window_seconds: int = Field(
+        default=DEFAULT_SCALE_UP_WINDOW_SECONDS,
+        ge=0,
+        le=3600,
+        description="Stabilization window for scaling up: replicas rise to the lowest recommendation of this "
+        "window, so a single spike does not buy GPUs (like an HPA's scaleUp.stabilizationWindowSeconds).",
+    )
+    scale_down_window_seconds: int = Field(
+        default=DEFAULT_SCALE_DOWN_WINDOW_SECONDS,
+        ge=0,
+        le=86400,
+        description="Stabilization window for scaling down: replicas fall to the highest recommendation of "
+        "this window, so a lull does not drop a replica that takes minutes to load again (like an HPA's "
+        "scaleDown.stabilizationWindowSeconds).",
+    )
+    scale_to_zero_after_seconds: int = Field(
+        default=DEFAULT_SCALE_TO_ZERO_AFTER_SECONDS,
+        ge=0,
+        le=604800,
+        description="With minReplicas 0: go to zero replicas after this long without any request (none "
+        "running, waiting, held in the gateway or finished since the last look), counted only while a "
+        "replica is ready.",
+    )
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        return self
 
 
 _SPEC_RULES: list[JsonValue] = [
@@ -540,6 +626,10 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=SchedulingSpec, description="Extra scheduling constraints for serving pods."
     )
     planning: PlanningSpec = Field(default_factory=PlanningSpec, description="Planner settings.")
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None,
+        description="Replicas from the load, and scale to zero (off unless autoscaling.enabled is true).",
+    )
 
 
 class Condition(ApiModel):
@@ -602,6 +692,29 @@ class PlacementStatus(ApiModel):
     )
 
 
+class AutoscalingStatus(ApiModel):
+    """What the operator's autoscaler decided last, and the recommendations its windows still remember.
+
+    Kept in status so a restarted operator continues where the previous one stopped.
+    """
+
+    desired_replicas: int | None = Field(default=None, ge=0, description="Replicas the autoscaler last wrote.")
+    last_scale_time: datetime | None = Field(default=None, description="When the autoscaler last changed replicas.")
+    last_active_time: datetime | None = Field(
+        default=None, description="Last time the model had traffic, or was woken (the scale-to-zero clock)."
+    )
+    in_flight: int | None = Field(
+        default=None, ge=0, description="Requests running, waiting and held in the gateway at the last decision."
+    )
+    message: str = Field(default="", max_length=4096, description="The numbers behind the last decision.")
+    recommendations: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=list,
+        max_length=512,
+        description="Recent recommendations as [unix seconds, replicas] pairs, one per change, each kept "
+        "while a stabilization window still covers it.",
+    )
+
+
 class LLMDeploymentStatus(ApiModel):
     """The observed state of an LLMDeployment."""
 
@@ -622,6 +735,9 @@ class LLMDeploymentStatus(ApiModel):
     placement: PlacementStatus | None = Field(default=None, description="The planner's decision.")
     served_model_names: list[str] = Field(
         default_factory=list, max_length=16, description="Names the gateway routes to this deployment."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's last decision (set while spec.autoscaling.enabled)."
     )
 
 

@@ -128,3 +128,34 @@ def test_status_serialises_in_api_spelling() -> None:
     body = status.to_api()
     assert body["observedGeneration"] == 3 and body["readyReplicas"] == 1
     assert body["placement"]["weightsGiB"] == 14.96
+
+
+def test_autoscaling_is_off_unless_asked_and_gets_documented_defaults() -> None:
+    assert LLMDeploymentSpec.model_validate(spec()).autoscaling is None
+    parsed = LLMDeploymentSpec.model_validate(spec(autoscaling={"enabled": True, "maxReplicas": 4}))
+    scaling = parsed.autoscaling
+    assert scaling is not None and scaling.enabled
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_in_flight_per_replica) == (1, 4, 16)
+    assert (scaling.scale_up_window_seconds, scaling.scale_down_window_seconds) == (15, 300)
+    assert scaling.scale_to_zero_after_seconds == 600
+    assert parsed.engine.termination_grace_period_seconds == 300
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "message"),
+    [
+        ({"enabled": True, "minReplicas": 3, "maxReplicas": 2}, "minReplicas must not exceed"),
+        ({"enabled": True}, "maxReplicas"),
+        ({"enabled": True, "maxReplicas": 2, "minReplicas": -1}, "greater than or equal to 0"),
+        ({"enabled": True, "maxReplicas": 2, "targetInFlightPerReplica": 0}, "greater than or equal to 1"),
+        ({"enabled": True, "maxReplicas": 2, "scaleToZeroAfter": 5}, "Extra inputs"),
+    ],
+)
+def test_bad_autoscaling_is_refused_with_the_reason(autoscaling: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        LLMDeploymentSpec.model_validate(spec(autoscaling=autoscaling))
+
+
+def test_minimum_drain_time_is_enforced() -> None:
+    with pytest.raises(ValidationError, match="greater than or equal to 10"):
+        LLMDeploymentSpec.model_validate(spec(engine={"terminationGracePeriodSeconds": 1}))
