@@ -46,6 +46,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await runtime.wake.close()
             await runtime.upstream.close()
             runtime.upstream = None
             await app.state.stored_responses.close()

@@ -205,9 +205,9 @@ class ProxyEndpoint:
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
                 runtime.admit(key, route.name)
-                if not route.endpoints:
-                    raise errors.no_ready_replica(route.name, runtime.settings.retry_after_seconds)
                 exchange.watch_soon(asyncio.get_running_loop(), receive, task)
+                if not route.endpoints:  # wake a sleeping model and wait, or 503
+                    route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
             except GatewayError as error:
                 status = error.status

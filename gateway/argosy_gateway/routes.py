@@ -59,7 +59,12 @@ def model_entry(route: ModelRoute) -> dict[str, object]:
         "object": "model",
         "created": 0,
         "owned_by": "argosy",
-        "argosy": {"ready": route.ready, "readyEndpoints": len(route.endpoints), "policy": route.policy},
+        "argosy": {
+            "ready": route.ready,
+            "readyEndpoints": len(route.endpoints),
+            "policy": route.policy,
+            "scaledToZero": route.scaled_to_zero,
+        },
     }
 
 

@@ -27,6 +27,20 @@ def endpoint_address(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class DeploymentRef:
+    """The LLMDeployment behind a route, as far as waking it from zero needs it."""
+
+    namespace: str
+    name: str
+    replicas: int | None = None
+    """spec.replicas (the scale subresource); None when unknown."""
+    autoscaling: bool = False
+    """spec.autoscaling.enabled: the gateway may wake it (patch its scale to 1) and hold requests."""
+    resource_version: str | None = None
+    """The object's resourceVersion when read, the precondition of the wake-up patch."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     """One served model name: its ready endpoints (base URLs) and routing policy.
 
@@ -36,10 +50,17 @@ class ModelRoute:
     name: str
     endpoints: tuple[str, ...]
     policy: str = DEFAULT_POLICY
+    # Not part of a route's identity (endpoints and policy are); every watch event publishes a
+    # new table anyway, so a changed scale is seen without comparing it.
+    deployment: DeploymentRef | None = field(default=None, compare=False)
 
     @property
     def ready(self) -> bool:
         return bool(self.endpoints)
+
+    @property
+    def scaled_to_zero(self) -> bool:
+        return not self.endpoints and self.deployment is not None and self.deployment.replicas == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +78,7 @@ class RouteTable:
                 # The same served name from two sources: serve from the union of endpoints,
                 # keeping the first source's policy.
                 merged = previous.endpoints + tuple(e for e in route.endpoints if e not in previous.endpoints)
-                by_name[route.name] = ModelRoute(previous.name, merged, previous.policy)
+                by_name[route.name] = ModelRoute(previous.name, merged, previous.policy, previous.deployment)
         return cls(MappingProxyType(dict(sorted(by_name.items()))))
 
     def get(self, model: str) -> ModelRoute | None:

@@ -17,6 +17,7 @@ from argosy_gateway.ratelimit import TokenBuckets
 from argosy_gateway.routetable import EMPTY_TABLE, RouteTable
 from argosy_gateway.settings import GatewaySettings
 from argosy_gateway.upstream import Upstream
+from argosy_gateway.wake import Waker
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class GatewayRuntime:
         self.metrics = GatewayMetrics()
         self.keys: KeyStore | None = None
         self.buckets = TokenBuckets()
+        self.wake = Waker(settings, self.metrics.registry, lambda: self.table)
 
     @property
     def upstream(self) -> Upstream:
@@ -47,6 +49,7 @@ class GatewayRuntime:
     def publish(self, table: RouteTable) -> None:
         """Swap in a new route table (one assignment: requests see old or new, never a mix)."""
         self.table = table
+        self.wake.table_published(table)
         if not self.loaded:
             log.info("discovery loaded: gateway is ready")
         self.loaded = True

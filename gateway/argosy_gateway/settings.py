@@ -41,6 +41,11 @@ class GatewaySettings(BaseSettings):
     eject_after_failures: int = Field(3, ge=1)
     eject_seconds: float = Field(10.0, ge=0)
     retry_after_seconds: int = Field(2, ge=1)
+    # Scale from zero (models with spec.autoscaling.enabled): hold requests while a replica starts.
+    wake_timeout_seconds: float = Field(
+        300.0, gt=0, description="longest a request waits for a sleeping model's first ready replica (then 503)"
+    )
+    wake_queue_length: int = Field(256, ge=0, description="requests held per model at most (more get 503)")
     prefix_chars: int = Field(16384, ge=1, description="prompt characters prefix affinity reads (its cache key)")
     prefix_load_factor: float = Field(1.25, ge=1.0)
     max_remembered_responses: int = Field(

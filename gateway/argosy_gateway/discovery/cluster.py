@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from argosy_gateway.routetable import POLICY_NAMES, ModelRoute, RouteTable
+from argosy_gateway.routetable import POLICY_NAMES, DeploymentRef, ModelRoute, RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class DeploymentInfo:
     name: str
     served_names: tuple[str, ...]
     policy: str | None
+    ref: DeploymentRef | None = None
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -132,11 +133,22 @@ def deployment_info(body: Body) -> DeploymentInfo:
     if policy is not None and policy not in POLICY_NAMES:
         log.warning("LLMDeployment %s: unknown routing policy %r, using the default", object_key(body), policy)
         policy = None
+    spec = _mapping(body.get("spec"))
+    replicas = spec.get("replicas")
+    version = metadata.get("resourceVersion")
+    ref = DeploymentRef(
+        namespace=str(metadata.get("namespace", "")),
+        name=name,
+        replicas=replicas if isinstance(replicas, int) else None,
+        autoscaling=_mapping(spec.get("autoscaling")).get("enabled") is True,
+        resource_version=version if isinstance(version, str) else None,
+    )
     return DeploymentInfo(
         namespace=str(metadata.get("namespace", "")),
         name=name,
         served_names=served,
         policy=policy if isinstance(policy, str) else None,
+        ref=ref,
     )
 
 
@@ -193,9 +205,12 @@ class ClusterState:
     def route_table(self, default_policy: str) -> RouteTable:
         endpoints: dict[str, list[str]] = {}
         policies: dict[str, str] = {}
+        refs: dict[str, DeploymentRef] = {}
         for deployment in sorted(self.deployments.values(), key=lambda d: (d.namespace, d.name)):
             for name in deployment.served_names:
                 endpoints.setdefault(name, [])
+                if deployment.ref is not None:
+                    refs.setdefault(name, deployment.ref)
                 if deployment.policy is not None:
                     policies.setdefault(name, deployment.policy)
         for key in sorted(self.pods):
@@ -211,5 +226,6 @@ class ClusterState:
                 if owner is not None and owner.policy is not None:
                     policies.setdefault(name, owner.policy)
         return RouteTable.build(
-            ModelRoute(name, tuple(urls), policies.get(name, default_policy)) for name, urls in endpoints.items()
+            ModelRoute(name, tuple(urls), policies.get(name, default_policy), refs.get(name))
+            for name, urls in endpoints.items()
         )

@@ -117,7 +117,12 @@ async def test_models_list_shows_readiness(gateway) -> None:
     async with client(gateway.url) as sdk:
         page = await sdk.models.list()
     by_id = {m.id: m.model_extra["argosy"] for m in page.data if m.model_extra}
-    assert by_id["model-a"] == {"ready": True, "readyEndpoints": 2, "policy": "round-robin"}
+    assert by_id["model-a"] == {
+        "ready": True,
+        "readyEndpoints": 2,
+        "policy": "round-robin",
+        "scaledToZero": False,
+    }
     assert by_id["model-down"]["ready"] is False and by_id["model-down"]["readyEndpoints"] == 0
 
 
@@ -125,7 +130,7 @@ async def test_retrieve_one_model(gateway) -> None:
     async with client(gateway.url) as sdk:
         model = await sdk.models.retrieve("model-down")
         assert model.id == "model-down" and model.model_extra == {
-            "argosy": {"ready": False, "readyEndpoints": 0, "policy": "least-outstanding"}
+            "argosy": {"ready": False, "readyEndpoints": 0, "policy": "least-outstanding", "scaledToZero": False}
         }
         with pytest.raises(openai.NotFoundError):
             await sdk.models.retrieve("gpt-17")

@@ -45,11 +45,19 @@ def test_nodes_are_read_only_and_the_only_cluster_scope_when_namespaced(render):
         assert binding["subjects"][0]["namespace"] == "argosy-system"
 
 
-def test_gateway_only_reads(render):
-    for _, rule in _rules(render(), "gateway"):
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}
-    resources = {r for _, rule in _rules(render(), "gateway") for r in rule["resources"]}
-    assert resources == {"llmdeployments", "pods"}
+def test_gateway_reads_and_its_one_write_is_waking_a_model(render):
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        writes = set()
+        for _, rule in _rules(render(values), "gateway"):
+            verbs = set(rule["verbs"])
+            if verbs & WRITE_VERBS:
+                writes |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in verbs}
+            else:
+                assert verbs <= {"get", "list", "watch"}
+        # Scale from zero: patch (not update, not get) on the scale subresource only.
+        assert writes == {("argosy.dev", "llmdeployments/scale", "patch")}
+        resources = {r for _, rule in _rules(render(values), "gateway") for r in rule["resources"]}
+        assert resources == {"llmdeployments", "llmdeployments/scale", "pods"}
 
 
 def test_operator_writes_only_its_children_status_and_events(render):
@@ -62,6 +70,7 @@ def test_operator_writes_only_its_children_status_and_events(render):
     }
     assert written == {
         ("argosy.dev", "llmdeployments/status"),
+        ("argosy.dev", "llmdeployments/scale"),
         ("apps", "deployments"),
         ("", "services"),
         ("", "configmaps"),  # inline chat templates; a referenced one is only read
