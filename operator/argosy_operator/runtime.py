@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
 from argosy_operator import handlers
+from argosy_operator.autoscaling_loop import start_autoscaling
 from argosy_operator.controller import Runtime
 from argosy_operator.kubeapi import load_credentials
 from argosy_operator.metrics import OperatorMetrics, create_metrics
@@ -72,6 +73,7 @@ async def serve(settings: OperatorSettings) -> int:
         return 1
     logger.info("metrics on %s:%d; watching %s", settings.metrics_host, settings.metrics_port,
                 ", ".join(settings.namespaces) or "all namespaces")
+    autoscaling = start_autoscaling(settings, metrics.registry)  # spec.autoscaling (autoscaling_loop.py)
     try:
         await kopf.operator(
             registry=registry,
@@ -82,6 +84,7 @@ async def serve(settings: OperatorSettings) -> int:
             ready_flag=ready,
         )
     finally:
+        await autoscaling.stop()
         await runtime.stop()
         await runner.cleanup()
     return 0
