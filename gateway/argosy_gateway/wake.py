@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 FIELD_MANAGER = "argosy-gateway"
 # After a wake-up patch, another one for the same object waits this long (the table may lag).
 REPATCH_SECONDS = 5.0
+# A new endpoint that does not accept connections yet is tried again after this long.
+PROBE_SECONDS = 0.25
+CONNECT_TIMEOUT_SECONDS = 1.0
 
 ScalePatch = Callable[[DeploymentRef], Awaitable[bool]]
 """Patch one LLMDeployment's scale to 1 replica; True when written, False on a conflict."""
@@ -59,6 +63,22 @@ def wake_timed_out(model: str, seconds: float, retry_after: int) -> errors.Gatew
         code="model_starting",
         retry_after=retry_after,
     )
+
+
+async def _accepts_connections(endpoint: str) -> bool:
+    """Whether ``http://host:port`` accepts a TCP connection (the server is listening)."""
+    address = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port)), CONNECT_TIMEOUT_SECONDS
+        )
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def lightkube_scale_patch(settings: GatewaySettings) -> tuple[ScalePatch, Callable[[], Awaitable[None]]]:
@@ -119,6 +139,9 @@ class Waker:
         self._held: dict[str, int] = {}
         self._patching: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._patched_at: dict[tuple[str, str, str | None], float] = {}
+        self._confirmed: set[str] = set()
+        self.waking: set[str] = set()
+        """Models being woken: their requests wait until an endpoint accepted a connection."""
         self.held_gauge = Gauge(
             "argosy_gateway_requests_held",
             "Requests waiting for a model to get a ready replica (scale from zero).",
@@ -139,8 +162,10 @@ class Waker:
             registry=registry,
         )
 
-    def table_published(self, _: RouteTable) -> None:
+    def table_published(self, table: RouteTable) -> None:
         """Discovery swapped the table: wake every waiter to look again."""
+        if self._confirmed:
+            self._confirmed &= table.endpoints()
         self._published.set()
         self._published = asyncio.Event()
 
@@ -159,6 +184,7 @@ class Waker:
             self.held_seconds.labels(model, "queue_full").observe(0)
             raise queue_full(model, settings.wake_queue_length, settings.retry_after_seconds)
         self._held[model] = held + 1
+        self.waking.add(model)
         gauge = self.held_gauge.labels(model)
         gauge.inc()
         started = time.monotonic()
@@ -169,19 +195,24 @@ class Waker:
                 current = self._table().get(model)
                 if current is None:
                     outcome = "gone"
+                    self.waking.discard(model)
                     raise errors.no_ready_replica(model, settings.retry_after_seconds)
                 if current.endpoints:
-                    outcome = "ready"
-                    return current
+                    listening = await self._listening(current.endpoints)
+                    if listening:
+                        outcome = "ready"
+                        self.waking.discard(model)
+                        return dataclasses.replace(current, endpoints=listening)
                 if current.deployment is not None:
                     self._wake(model, current.deployment)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     outcome = "timeout"
                     raise wake_timed_out(model, settings.wake_timeout_seconds, settings.retry_after_seconds)
+                pause = PROBE_SECONDS if current.endpoints else REPATCH_SECONDS
                 with contextlib.suppress(TimeoutError):
                     # Look again on every table, and now and then in case a patch was refused.
-                    await asyncio.wait_for(self._published.wait(), min(remaining, REPATCH_SECONDS))
+                    await asyncio.wait_for(self._published.wait(), min(remaining, pause))
         finally:
             gauge.dec()
             count = self._held.get(model, 1) - 1
@@ -190,6 +221,19 @@ class Waker:
             else:
                 self._held.pop(model, None)
             self.held_seconds.labels(model, outcome).observe(time.monotonic() - started)
+
+    async def _listening(self, endpoints: tuple[str, ...]) -> tuple[str, ...]:
+        """The endpoints that accept a connection, each checked until it did once.
+
+        A held request has waited already; sending it to a replica that is Ready in the API
+        but whose server is not listening yet (a readiness gate or probe that lags) would turn
+        the wait into a 502. Only held requests pay this, once per new endpoint.
+        """
+        unknown = [e for e in endpoints if e not in self._confirmed]
+        if unknown:
+            results = await asyncio.gather(*(_accepts_connections(e) for e in unknown))
+            self._confirmed.update(e for e, ok in zip(unknown, results, strict=True) if ok)
+        return tuple(e for e in endpoints if e in self._confirmed)
 
     def _wake(self, model: str, ref: DeploymentRef) -> None:
         """Patch the scale to 1 when it reads 0: once per resourceVersion, one patch in flight per object."""

@@ -269,8 +269,15 @@ def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 
 def status_patch(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any] | None:
     """A JSON merge patch body that turns `previous` into `new`, or None when they are equal."""
-    changes = _merge_diff(previous or {}, new)
+    previous = previous or {}
+    # Keys another writer owns (status.autoscaling) are never removed by the reconcile.
+    kept = {k: v for k, v in previous.items() if k in WRITTEN_ELSEWHERE}
+    changes = _merge_diff(previous, {**kept, **new})
     return {"status": changes} if changes else None
+
+
+# status keys another writer owns: the reconcile never removes them.
+WRITTEN_ELSEWHERE = frozenset({"autoscaling"})  # the autoscaler's (autoscaling_loop.py)
 
 
 def _is_bad(cond: Mapping[str, Any]) -> bool:

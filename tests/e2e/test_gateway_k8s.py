@@ -91,7 +91,10 @@ def serving_pod(name: str, served: list[str], deployment: str) -> dict[str, Any]
 
 
 class GatewayProcess:
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self, kubeconfig: Path, namespace: str, log_path: Path, port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port if port is not None else free_port()
         env = dict(os.environ)
         env.update(
@@ -100,6 +103,7 @@ class GatewayProcess:
                 "ARGOSY_GATEWAY_KUBECONFIG": str(kubeconfig),
                 "ARGOSY_GATEWAY_NAMESPACES": json.dumps([namespace]),
                 "ARGOSY_GATEWAY_RETRY_AFTER_SECONDS": "1",
+                **(extra_env or {}),
             }
         )
         self._log = log_path.open("wb")

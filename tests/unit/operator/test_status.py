@@ -216,3 +216,10 @@ def test_rollout_view_reads_deadline() -> None:
         "observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
         "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}})
     assert view == RolloutView(4, 3, 2, 1, 1, deadline_exceeded=True)
+
+
+def test_status_patch_leaves_the_autoscalers_state_alone() -> None:
+    first = compute_status(BASE, None)
+    with_autoscaler = {**first, "autoscaling": {"desiredReplicas": 0, "recommendations": [[1, 1]]}}
+    # The reconcile computes no autoscaling key; its patch must not remove the autoscaler's.
+    assert status_patch(with_autoscaler, first) is None
