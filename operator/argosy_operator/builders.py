@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from argosy_operator import api
 from argosy_operator.settings import API_VERSION, FIELD_MANAGER, KIND
 
 SERVER_PORT = 8000
@@ -46,6 +47,15 @@ STARTUP_FAILURE_THRESHOLD = 240  # 240 x 10 s = 40 minutes before the kubelet gi
 # A deadline longer than the startup probe, so the Deployment reports a stalled rollout
 # only after a pod had every chance to load.
 PROGRESS_DEADLINE_SECONDS = 3600
+
+# Drains (spec.engine.terminationGracePeriodSeconds). The gateway drops a pod from its route
+# table when the pod gets its deletionTimestamp; the preStop hook first waits this long for
+# every gateway (and Service proxy) to have seen that, then until vLLM reports no running and
+# no waiting request. vLLM itself aborts what is left on SIGTERM (its --shutdown-timeout
+# defaults to 0), so the hook's wait is what lets streams finish. It stops this long before
+# the grace period ends, leaving vLLM time to exit before the kubelet's SIGKILL.
+DRAIN_START_SECONDS = 5
+DRAIN_EXIT_SECONDS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +150,7 @@ class ServerInputs:
     chat_template: ChatTemplateMount | None = None
     generation_override: tuple[tuple[str, float | int], ...] = ()
     """--override-generation-config entries, vLLM's names."""
+    termination_grace_period_seconds: int = api.DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS
 
     @property
     def gpus_per_pod(self) -> int:
@@ -264,6 +275,32 @@ def _http_get() -> dict[str, Any]:
     return {"path": "/health", "port": PORT_NAME, "scheme": "HTTP"}
 
 
+def drain_command(
+    grace_seconds: int, port: int = SERVER_PORT, start_seconds: float = DRAIN_START_SECONDS
+) -> list[str]:
+    """The serving container's preStop hook: wait until vLLM has no request left (bounded).
+
+    Python, because the vLLM image has it and no curl; it reads vLLM's own /metrics.
+    """
+    budget = max(1, grace_seconds - DRAIN_EXIT_SECONDS)
+    script = (
+        "import time, urllib.request\n"
+        f"deadline = time.monotonic() + {budget}\n"
+        f"time.sleep({min(start_seconds, budget):g})\n"
+        "while time.monotonic() < deadline:\n"
+        "    try:\n"
+        f"        page = urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    busy = sum(float(line.rsplit(None, 1)[-1]) for line in page.decode().splitlines()\n"
+        "               if line.startswith(('vllm:num_requests_running', 'vllm:num_requests_waiting')))\n"
+        "    if busy == 0:\n"
+        "        break\n"
+        "    time.sleep(1)\n"
+    )
+    return ["python3", "-c", script]
+
+
 def _container(inputs: ServerInputs, source: ModelSource) -> dict[str, Any]:
     gpus = str(inputs.gpus_per_pod)
     container: dict[str, Any] = {
@@ -295,6 +332,7 @@ def _container(inputs: ServerInputs, source: ModelSource) -> dict[str, Any]:
             "timeoutSeconds": 10,
             "failureThreshold": 5,
         },
+        "lifecycle": {"preStop": {"exec": {"command": drain_command(inputs.termination_grace_period_seconds)}}},
     }
     env = _env(inputs)
     if env:
@@ -386,6 +424,7 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
         # Service links inject <SERVICE>_PORT variables; a Service called "vllm" would
         # set VLLM_PORT=tcp://..., which vLLM reads as its own setting and crashes on.
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": inputs.termination_grace_period_seconds,
     }
     node_selector = _node_selector(inputs)
     if node_selector:

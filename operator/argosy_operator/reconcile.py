@@ -112,6 +112,7 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         tokenizer_revision=spec.model.tokenizer_revision,
         chat_template=chat_template,
         generation_override=tuple(sorted(defaults.vllm_override().items())) if defaults else (),
+        termination_grace_period_seconds=engine.termination_grace_period_seconds,
     )
 
 

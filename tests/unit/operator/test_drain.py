@@ -1,0 +1,70 @@
+"""The serving pods' drain: the preStop command waits for vLLM's in-flight requests (run for real
+against the vLLM simulator, whose /metrics has vLLM's names)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import aiohttp
+from argosy_operator import builders
+from argosy_operator.builders import ServerInputs, drain_command
+from argosy_vllm_sim.server import SimConfig, SimServer
+
+
+async def run_hook(grace: int, port: int) -> float:
+    """Run the preStop command as the kubelet would (its argv, our Python); seconds it took."""
+    argv = drain_command(grace, port=port, start_seconds=0)
+    assert argv[:2] == ["python3", "-c"]
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(sys.executable, *argv[1:])
+    assert await asyncio.wait_for(process.wait(), grace + 10) == 0
+    return time.monotonic() - started
+
+
+async def test_the_hook_returns_only_when_the_last_stream_finished() -> None:
+    config = SimConfig(models=("m",), port=0, itl_ms=50)
+    async with SimServer(config) as server, aiohttp.ClientSession() as http:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 40, "stream": True}  # 40 x 50 ms = 2 s
+
+        async def stream() -> bytes:
+            async with http.post(f"{server.url}/v1/completions", json=body) as response:
+                return await response.read()
+
+        streams = [asyncio.create_task(stream()) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        hook = asyncio.create_task(run_hook(60, server.port))
+        done = await asyncio.gather(*streams)
+        finished_at = time.monotonic()
+        took = await hook
+        hook_done_at = time.monotonic()
+    assert all(b"[DONE]" in chunk for chunk in done)
+    assert took >= 1.5  # it waited for the streams...
+    assert hook_done_at - finished_at < 2.5  # ...and returned soon after the last one ended
+
+
+async def test_an_idle_server_drains_at_once_and_a_stuck_one_within_the_grace_period() -> None:
+    config = SimConfig(models=("m",), port=0, itl_ms=1000)
+    async with SimServer(config) as server, aiohttp.ClientSession() as http:
+        assert await run_hook(60, server.port) < 2
+        body = {"model": "m", "prompt": "hi", "max_tokens": 60}  # a minute: longer than the grace period
+        request = asyncio.create_task(http.post(f"{server.url}/v1/completions", json=body))
+        await asyncio.sleep(0.3)
+        took = await run_hook(builders.DRAIN_EXIT_SECONDS + 3, server.port)
+        request.cancel()
+    # It gives up DRAIN_EXIT_SECONDS before the kubelet would kill the pod.
+    assert 2.5 <= took < 5
+
+
+def test_pods_get_the_grace_period_and_the_hook() -> None:
+    inputs = ServerInputs(
+        name="m", namespace="ns", owner_uid="u", model_uri="hf://o/m", served_model_names=("m",), replicas=1,
+        image="vllm/vllm-openai:v0", tensor_parallel_size=1, pipeline_parallel_size=1, max_model_len=None,
+        gpu_memory_utilization=0.9, termination_grace_period_seconds=900,
+    )
+    pod = builders.build_deployment(inputs)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == drain_command(900)
+    assert "deadline = time.monotonic() + 895" in hook[2]
