@@ -14,7 +14,8 @@ gateways (requests held while a model wakes), hands the numbers to the pure
 Settings (environment): ``ARGOSY_OPERATOR_AUTOSCALER_INTERVAL_SECONDS`` (default 15),
 ``ARGOSY_OPERATOR_AUTOSCALER_GATEWAY_METRICS`` (comma-separated /metrics URLs of the
 gateways) and ``ARGOSY_OPERATOR_AUTOSCALER_GATEWAY_SELECTOR`` (a label selector of
-gateway pods, read on ``ARGOSY_OPERATOR_AUTOSCALER_GATEWAY_PORT``, default 8080).
+gateway pods in ``..._GATEWAY_NAMESPACE``, read on ``..._GATEWAY_PORT``, default 8080;
+the chart sets these three).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class LoopSettings:
     interval_seconds: float = DEFAULT_INTERVAL_SECONDS
     gateway_metrics_urls: tuple[str, ...] = ()
     gateway_selector: str | None = None
+    gateway_namespace: str | None = None
+    """Where the gateway pods run; None: the watched namespaces."""
     gateway_port: int = DEFAULT_GATEWAY_PORT
 
     @classmethod
@@ -78,6 +81,7 @@ class LoopSettings:
             interval_seconds=interval,
             gateway_metrics_urls=urls,
             gateway_selector=selector,
+            gateway_namespace=env.get(prefix + "GATEWAY_NAMESPACE") or None,
             gateway_port=int(env.get(prefix + "GATEWAY_PORT") or DEFAULT_GATEWAY_PORT),
         )
 
@@ -270,11 +274,12 @@ class AutoscalingLoop:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS))
         return self._http
 
-    async def _list(self, resource: Any, labels: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    async def _list(self, resource: Any, labels: Mapping[str, Any] | None = None,
+                    namespace: str | None = None) -> list[dict[str, Any]]:
         from lightkube.core.generic_client import ALL_NS
 
         client = self._kube()
-        namespaces: Iterable[Any] = self.settings.namespaces or (ALL_NS,)
+        namespaces: Iterable[Any] = (namespace,) if namespace else self.settings.namespaces or (ALL_NS,)
         found: list[dict[str, Any]] = []
         for namespace in namespaces:
             async for item in client.list(resource, namespace=namespace, labels=labels):
@@ -295,7 +300,8 @@ class AutoscalingLoop:
     async def _held_by_model(self) -> dict[str, float]:
         urls = list(self.loop_settings.gateway_metrics_urls)
         if self.loop_settings.gateway_selector:
-            for pod in await self._list(_pods(), parse_selector(self.loop_settings.gateway_selector)):
+            selector = parse_selector(self.loop_settings.gateway_selector)
+            for pod in await self._list(_pods(), selector, self.loop_settings.gateway_namespace):
                 status = pod.get("status") or {}
                 if status.get("podIP") and not (pod.get("metadata") or {}).get("deletionTimestamp"):
                     urls.append(f"http://{status['podIP']}:{self.loop_settings.gateway_port}/metrics")

@@ -130,3 +130,15 @@ each value alone; this checks combinations).
 {{- define "argosy.modelsRenderable" -}}
 {{- if or (not .Values.crds.enabled) (.Capabilities.APIVersions.Has "argosy.dev/v1alpha1/LLMDeployment") }}true{{ end }}
 {{- end }}
+
+{{/*
+A map of labels as a label selector string: "a=b,c=d" (keys sorted).
+Usage: include "argosy.labelSelectorString" $labels
+*/}}
+{{- define "argosy.labelSelectorString" -}}
+{{- $terms := list }}
+{{- range $key, $value := . }}
+{{- $terms = append $terms (printf "%s=%s" $key $value) }}
+{{- end }}
+{{- join "," $terms }}
+{{- end }}

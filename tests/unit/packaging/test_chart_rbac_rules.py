@@ -38,7 +38,12 @@ def test_nodes_are_read_only_and_the_only_cluster_scope_when_namespaced(render):
     assert [r["metadata"]["name"] for r in cluster_roles] == ["argosy-operator-nodes"]
     assert cluster_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
     roles = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "Role"}
-    assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")}
+    assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")} | {
+        ("argosy-system", "argosy-operator-gateway-pods")  # the autoscaler finds the gateways' /metrics
+    }
+    gateway_pods = next(o for o in objects if o["metadata"]["name"] == "argosy-operator-gateway-pods"
+                        and o["kind"] == "Role")
+    assert gateway_pods["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
