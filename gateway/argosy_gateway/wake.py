@@ -43,26 +43,20 @@ ScalePatch = Callable[[DeploymentRef], Awaitable[bool]]
 """Patch one LLMDeployment's scale to 1 replica; True when written, False on a conflict."""
 
 
-def queue_full(model: str, limit: int, retry_after: int) -> errors.GatewayError:
+def _starting(model: str, message: str, code: str, retry_after: int) -> errors.GatewayError:
     return errors.GatewayError(
-        503,
-        f"The model '{model}' is starting and already holds {limit} waiting requests; retry later.",
-        error_type="service_unavailable_error",
-        param="model",
-        code="wake_queue_full",
-        retry_after=retry_after,
+        503, message, error_type="service_unavailable_error", param="model", code=code, retry_after=retry_after
     )
+
+
+def queue_full(model: str, limit: int, retry_after: int) -> errors.GatewayError:
+    message = f"The model '{model}' is starting and already holds {limit} waiting requests; retry later."
+    return _starting(model, message, "wake_queue_full", retry_after)
 
 
 def wake_timed_out(model: str, seconds: float, retry_after: int) -> errors.GatewayError:
-    return errors.GatewayError(
-        503,
-        f"The model '{model}' is starting; no replica became ready within {seconds:g} s. Retry later.",
-        error_type="service_unavailable_error",
-        param="model",
-        code="model_starting",
-        retry_after=retry_after,
-    )
+    message = f"The model '{model}' is starting; no replica became ready within {seconds:g} s. Retry later."
+    return _starting(model, message, "model_starting", retry_after)
 
 
 async def _accepts_connections(endpoint: str) -> bool:

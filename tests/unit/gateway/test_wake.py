@@ -44,6 +44,17 @@ class FakeScale:
         return True
 
 
+class RecordingPatch:
+    """A scale patch that records its calls and never makes a pod (the model never starts)."""
+
+    def __init__(self) -> None:
+        self.calls: list[DeploymentRef] = []
+
+    async def __call__(self, ref: DeploymentRef) -> bool:
+        self.calls.append(ref)
+        return True
+
+
 def client(gateway: RunningGateway, timeout: float = 30) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
@@ -105,13 +116,7 @@ async def test_a_sleeping_model_is_listed_as_scaled_to_zero(gateway_factory: Gat
 
 async def test_past_the_wake_timeout_the_request_gets_503_with_retry_after(gateway_factory: GatewayFactory) -> None:
     gateway = await sleeping_gateway(gateway_factory, wake_timeout_seconds=0.5, retry_after_seconds=3)
-    calls: list[DeploymentRef] = []
-
-    async def never_starts(ref: DeploymentRef) -> bool:
-        calls.append(ref)
-        return True
-
-    gateway.runtime.wake.patch_scale = never_starts
+    gateway.runtime.wake.patch_scale = never_starts = RecordingPatch()
     async with client(gateway) as sdk:
         with pytest.raises(openai.InternalServerError) as caught:
             await ask(sdk, stream=True)
@@ -119,7 +124,7 @@ async def test_past_the_wake_timeout_the_request_gets_503_with_retry_after(gatew
     assert error.status_code == 503
     assert error.response.headers["retry-after"] == "3"
     assert error.response.json()["error"]["code"] == "model_starting"
-    assert len(calls) == 1
+    assert len(never_starts.calls) == 1
 
 
 async def test_past_the_queue_bound_requests_get_503_at_once(
@@ -143,28 +148,18 @@ async def test_past_the_queue_bound_requests_get_503_at_once(
 async def test_a_model_without_autoscaling_is_not_woken_and_answers_503(gateway_factory: GatewayFactory) -> None:
     gateway: RunningGateway = await gateway_factory(wait_loaded=False, static_config=None)
     gateway.runtime.publish(table((), 0, autoscaling=False))
-    calls: list[DeploymentRef] = []
-
-    async def patch(ref: DeploymentRef) -> bool:
-        calls.append(ref)
-        return True
-
-    gateway.runtime.wake.patch_scale = patch
+    gateway.runtime.wake.patch_scale = patch = RecordingPatch()
     async with client(gateway) as sdk:
         with pytest.raises(openai.InternalServerError) as caught:
             await ask(sdk, stream=False)
     assert caught.value.status_code == 503
     assert caught.value.response.json()["error"]["code"] == "no_ready_replica"
-    assert calls == []
+    assert patch.calls == []
 
 
 async def test_a_client_that_gives_up_while_held_leaves_the_queue(gateway_factory: GatewayFactory) -> None:
     gateway = await sleeping_gateway(gateway_factory)
-
-    async def patch(ref: DeploymentRef) -> bool:
-        return True
-
-    gateway.runtime.wake.patch_scale = patch
+    gateway.runtime.wake.patch_scale = RecordingPatch()
     async with client(gateway, timeout=0.5) as sdk:
         with pytest.raises(openai.APITimeoutError):
             await ask(sdk, stream=True)
