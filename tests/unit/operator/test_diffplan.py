@@ -39,7 +39,8 @@ def live(obj: dict[str, Any], **changes: Any) -> dict[str, Any]:
         spec = out["spec"]
         tmpl = spec["template"]["spec"]
         tmpl.update(restartPolicy="Always", dnsPolicy="ClusterFirst", schedulerName="default-scheduler",
-                    terminationGracePeriodSeconds=30, securityContext={})
+                    securityContext={})
+        tmpl.setdefault("terminationGracePeriodSeconds", 30)  # the API's default, when unset
         c = tmpl["containers"][0]
         c.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
         c["readinessProbe"]["successThreshold"] = 1
