@@ -96,6 +96,7 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
         ("get", LLD, None),
         ("watch", LLD, None),
         ("patch", LLD, "status"),
+        ("patch", LLD, "scale"),  # the autoscaler (spec.autoscaling)
         ("create", "deployments.apps", None),
         ("patch", "deployments.apps", None),
         ("delete", "deployments.apps", None),
@@ -130,9 +131,10 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
     ]:
         assert not can(sandbox, operator, verb, resource, elsewhere, sub), f"operator can {verb} {resource}/{sub}"
 
-    # The gateway only reads LLMDeployments and Pods.
+    # The gateway reads LLMDeployments and Pods; its one write wakes a model (scale from zero).
     for verb, resource in [("get", LLD), ("list", LLD), ("watch", LLD), ("list", "pods"), ("watch", "pods")]:
         assert can(sandbox, gateway, verb, resource, elsewhere), f"gateway cannot {verb} {resource}"
+    assert can(sandbox, gateway, "patch", LLD, elsewhere, "scale"), "gateway cannot wake a model"
     for verb, resource, ns in [
         ("get", "secrets", namespace),
         ("list", "secrets", None),
@@ -144,7 +146,8 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
         ("create", "events", elsewhere),
     ]:
         assert not can(sandbox, gateway, verb, resource, ns), f"gateway can {verb} {resource}"
-    for verb, resource, sub in [("get", "pods", "log"), ("create", "pods", "exec"), ("patch", LLD, "status")]:
+    for verb, resource, sub in [("get", "pods", "log"), ("create", "pods", "exec"), ("patch", LLD, "status"),
+                                ("update", LLD, "scale"), ("get", LLD, "scale")]:
         assert not can(sandbox, gateway, verb, resource, elsewhere, sub), f"gateway can {verb} {resource}/{sub}"
 
 
@@ -159,6 +162,8 @@ def test_scoped_install_acts_only_in_watched_namespaces(sandbox, namespace, scop
         assert can(sandbox, operator, "delete", "services", ns)
         assert can(sandbox, gateway, "watch", LLD, ns)
         assert can(sandbox, gateway, "list", "pods", ns)
+        assert can(sandbox, gateway, "patch", LLD, ns, "scale")
+        assert can(sandbox, operator, "patch", LLD, ns, "scale")
         assert not can(sandbox, operator, "get", "secrets", ns)
         assert not can(sandbox, gateway, "get", "secrets", ns)
     # The GPU inventory is cluster-scoped and read-only.
@@ -171,3 +176,4 @@ def test_scoped_install_acts_only_in_watched_namespaces(sandbox, namespace, scop
         assert not can(sandbox, operator, "create", "events", ns)
         assert not can(sandbox, gateway, "list", LLD, ns)
         assert not can(sandbox, gateway, "list", "pods", ns)
+        assert not can(sandbox, gateway, "patch", LLD, ns, "scale")
