@@ -170,7 +170,10 @@ class Waker:
         """A route with endpoints for ``route.name``, after waking the model if it sleeps; raises 503."""
         settings = self.settings
         ref = route.deployment
-        if ref is None or not ref.autoscaling:
+        if ref is None or not ref.autoscaling:  # not (or no longer) woken by the gateway
+            self.waking.discard(route.name)
+            if route.endpoints:
+                return route
             raise errors.no_ready_replica(route.name, settings.retry_after_seconds)
         model = route.name
         held = self._held.get(model, 0)

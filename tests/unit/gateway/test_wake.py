@@ -189,3 +189,16 @@ def test_discovery_tells_the_route_which_llmdeployment_to_wake() -> None:
     route = state.route_table("least-outstanding").get("llama-8b")
     assert route is not None and not route.scaled_to_zero and route.deployment is not None
     assert route.deployment.replicas == 1
+
+
+async def test_a_model_whose_autoscaling_was_turned_off_while_waking_is_served_normally(
+    gateway_factory: GatewayFactory, spawn_sim: Callable[..., Simulator]
+) -> None:
+    sim = spawn_sim([MODEL])
+    gateway = await sleeping_gateway(gateway_factory, wake_timeout_seconds=0.3)
+    gateway.runtime.wake.patch_scale = RecordingPatch()
+    async with client(gateway) as sdk:
+        with pytest.raises(openai.InternalServerError):
+            await ask(sdk, stream=False)  # held, timed out: the model stays "waking"
+        gateway.runtime.publish(table((sim.url,), 1, autoscaling=False))
+        assert await ask(sdk, stream=True) in ("stop", "length")
