@@ -21,7 +21,7 @@ import openai
 import pytest
 from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 from test_gateway_k8s import FACTS, GatewayProcess
-from test_operator import Cluster, Operator, crd, wait_for  # noqa: F401 - crd is a fixture
+from test_operator import Cluster, Operator, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -56,17 +56,21 @@ class ReplicaWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        obj = self.cluster.get("llmdeployment", self.name)
+        if obj is not None:
+            replicas = int(obj["spec"].get("replicas", 0))
+            if not self.seen or self.seen[-1] != replicas:
+                self.seen.append(replicas)
+                self.changes.append((time.monotonic(), replicas))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            obj = self.cluster.get("llmdeployment", self.name)
-            if obj is not None:
-                replicas = int(obj["spec"].get("replicas", 0))
-                if not self.seen or self.seen[-1] != replicas:
-                    self.seen.append(replicas)
-                    self.changes.append((time.monotonic(), replicas))
+            self._sample()
             self._stop.wait(0.2)
 
     def __enter__(self) -> ReplicaWatch:
+        self._sample()  # the state before anything is sent
         self._thread.start()
         return self
 
@@ -133,7 +137,7 @@ def gateways(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[list[
 
 @pytest.fixture
 def autoscaling_operator(
-    crd: None, kubeconfig: Path, namespace: str, tmp_path: Path, gateways: list[GatewayProcess]  # noqa: F811
+    crd: None, kubeconfig: Path, namespace: str, tmp_path: Path, gateways: list[GatewayProcess]
 ) -> Iterator[Operator]:
     env = {
         "ARGOSY_OPERATOR_AUTOSCALER_INTERVAL_SECONDS": "1",
