@@ -1,5 +1,5 @@
 """Autoscaling and scale from zero on the sandbox: operator and gateways as local processes, the
-pod runner starting a vLLM simulator per serving pod, the OpenAI SDK as the client.
+sandbox's pod runner serving each vLLM pod with the simulator, the OpenAI SDK as the client.
 
 Windows are seconds here (spec.autoscaling takes them from the LLMDeployment), and the
 operator looks every second (ARGOSY_OPERATOR_AUTOSCALER_INTERVAL_SECONDS).
@@ -19,7 +19,6 @@ from typing import Any
 
 import openai
 import pytest
-from argosy_sandbox.podrunner import SERVING_PODS_SELECTOR, PodRunner, vllm_simulator_command
 from test_gateway_k8s import FACTS, GatewayProcess
 from test_operator import Cluster, Operator, wait_for
 
@@ -33,7 +32,9 @@ def autoscaled(target: int, **windows: int) -> dict[str, Any]:
         "model": {"uri": f"hf://example/{MODEL}", "servedModelNames": [MODEL], "facts": FACTS},
         "replicas": 0,
         "gpu": {"count": 1},
-        "engine": {"maxModelLen": 4096},
+        # 20 ms per token (the sandbox's simulator reads it from the pod's env): a 100-token answer
+        # takes 2 s, long enough to be seen in flight.
+        "engine": {"maxModelLen": 4096, "env": [{"name": "ARGOSY_VLLM_SIM_ITL_MS", "value": "20"}]},
         "autoscaling": {
             "enabled": True,
             "minReplicas": 0,
@@ -121,9 +122,8 @@ def gateways(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[list[
     started: list[GatewayProcess] = []
     try:
         for i in range(2):
-            # Two retries, not one: the sandbox marks a pod Ready before its simulator listens (until
-            # the pod runner reports readiness from the pod's probes, branch h8-kubelet), so under
-            # load a request can meet two just-added endpoints that refuse connections.
+            # Two retries, not one: should a just-added endpoint refuse connections (a sandbox whose
+            # pods turn Ready before their server listens), a request still finds a listening one.
             process = GatewayProcess(kubeconfig, namespace, tmp_path / f"gateway-{i}.log",
                                      extra_env={"ARGOSY_GATEWAY_RETRIES": "2"})
             started.append(process)
@@ -152,14 +152,6 @@ def autoscaling_operator(
 
 
 @pytest.fixture
-def pod_runner(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[PodRunner]:
-    # 20 ms per token: a 200-token answer takes 4 s, long enough to be seen in flight.
-    command = vllm_simulator_command(extra=["--itl-ms", "20"])
-    with PodRunner(kubeconfig, SERVING_PODS_SELECTOR, command, namespace=namespace, log_dir=tmp_path / "pods") as r:
-        yield r
-
-
-@pytest.fixture
 def cluster(sandbox: Any, namespace: str) -> Cluster:
     return Cluster(sandbox, namespace)
 
@@ -169,7 +161,7 @@ def asleep(gateway: GatewayProcess) -> Callable[[], bool]:
 
 
 def test_scale_from_zero_up_down_and_back_to_zero(
-    cluster: Cluster, gateways: list[GatewayProcess], autoscaling_operator: Operator, pod_runner: PodRunner
+    cluster: Cluster, gateways: list[GatewayProcess], autoscaling_operator: Operator
 ) -> None:
     gateway = gateways[0]
     # Target 25: the 20 first requests fit one replica, so the wake-up must be exactly 0 -> 1.
@@ -220,12 +212,11 @@ def test_scale_from_zero_up_down_and_back_to_zero(
             pool.shutdown(wait=True)  # the last requests finish: the load has stopped
             load_stopped = time.monotonic()
         assert failures == []
-        # No 503 and no upstream failure, except one the sandbox causes: it marks a pod Ready
-        # before its simulator listens (until the pod runner reports readiness from the pod's
-        # probes, branch h8-kubelet), so a request can meet just-added endpoints that refuse
-        # connections. With probe-based readiness this list must be empty.
+        # No 503 and no upstream failure; connections refused by a Ready pod are counted apart
+        # and printed (the pod runner reports readiness from the pod's probes: expect none).
         assert [f.exception() for f in busy] == [None] * 12
         print(f"under load: {len(refused)} requests met a Ready pod that was not listening yet")
+        assert refused == [], refused
         # Idle: fewer replicas after the down-window (6 s), none after 15 s without traffic.
         wait_for("replicas back to 0", lambda: after.seen[-1] == 0, 90)
     first_drop = next(t for t, r in after.changes if t > load_stopped and r < 3) - load_stopped
@@ -247,7 +238,7 @@ def test_scale_from_zero_up_down_and_back_to_zero(
 
 
 def test_two_gateways_waking_one_model_at_once_make_one_scale_up(
-    cluster: Cluster, gateways: list[GatewayProcess], autoscaling_operator: Operator, pod_runner: PodRunner
+    cluster: Cluster, gateways: list[GatewayProcess], autoscaling_operator: Operator
 ) -> None:
     cluster.apply(MODEL, autoscaled(target=50))
     for gateway in gateways:

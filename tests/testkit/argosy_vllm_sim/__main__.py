@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +21,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token once running")
-    parser.add_argument("--itl-ms", type=float, default=0.0, help="interval between output tokens")
+    parser.add_argument(
+        "--itl-ms",
+        type=float,
+        # From the environment too: a sandbox pod's env (spec.engine.env) reaches the simulator, its args do not.
+        default=float(os.environ.get("ARGOSY_VLLM_SIM_ITL_MS") or 0.0),
+        help="interval between output tokens (default: $ARGOSY_VLLM_SIM_ITL_MS or 0)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=256, help="running requests; more wait")
     parser.add_argument(
         "--prefill-ms-per-token", type=float, default=0.0, help="added to TTFT per uncached prompt token"
