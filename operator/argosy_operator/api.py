@@ -33,6 +33,7 @@ CheckpointDType = Literal["bfloat16", "float16", "float32"]
 TokenizerMode = Literal["auto", "hf", "mistral", "deepseek_v32", "deepseek_v4", "inkling", "kimi_k3", "cohere"]
 # The longest inline chat template: a ConfigMap holds at most 1 MiB, and the object carrying it too.
 MAX_INLINE_CHAT_TEMPLATE = 262_144
+DistributedExecutor = Literal["mp", "ray"]
 # The methods `vllm serve --quantization` takes (spec.engine.quantization); tests/contract checks
 # this list against vLLM's own.
 EngineQuantization = Literal[
@@ -417,6 +418,12 @@ class EngineSpec(ApiModel):
     )
     enforce_eager: bool = Field(
         default=False, description="Disable CUDA graphs (`--enforce-eager`): less memory, slower decoding."
+    )
+    distributed_executor: DistributedExecutor = Field(
+        default="mp",
+        description="How vLLM runs a replica that spans nodes (`--distributed-executor-backend`): `mp`, vLLM's "
+        "multiprocessing executor across nodes (`--nnodes`, `--node-rank`, workers `--headless`), or `ray` (a Ray "
+        "head in the leader pod, Ray workers in the others). Replicas on one node always use `mp`.",
     )
     args: list[Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=list,
