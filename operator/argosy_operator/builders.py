@@ -140,10 +140,12 @@ class ServerInputs:
     chat_template: ChatTemplateMount | None = None
     generation_override: tuple[tuple[str, float | int], ...] = ()
     """--override-generation-config entries, vLLM's names."""
+    pods_per_replica: int = 1
+    """More than one: the replica is a group of pods on as many nodes (group_builders.py)."""
 
     @property
     def gpus_per_pod(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size // self.pods_per_replica
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -156,12 +158,13 @@ def label_selector(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
 
 
-def child_labels(name: str) -> dict[str, str]:
+def child_labels(name: str, role: str = ROLE_SERVER) -> dict[str, str]:
     return {
         LABEL_MANAGED_BY: FIELD_MANAGER,
         LABEL_NAME: "vllm",
         LABEL_INSTANCE: name,
-        **selector_labels(name),
+        LABEL_DEPLOYMENT: name,
+        LABEL_ROLE: role,
     }
 
 
@@ -377,9 +380,8 @@ def build_chat_template_config_map(name: str, namespace: str, owner_uid: str, te
     }
 
 
-def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
-    """The apps/v1 Deployment whose pods each serve one replica on one node."""
-    source = model_source(inputs.model_uri)
+def serving_pod_spec(inputs: ServerInputs, source: ModelSource) -> dict[str, Any]:
+    """The pod spec of a vLLM server: one container, the GPU product's nodes, volumes."""
     pod_spec: dict[str, Any] = {
         "containers": [_container(inputs, source)],
         "tolerations": _tolerations(inputs),
@@ -395,6 +397,12 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
         pod_spec["volumes"] = volumes
     if inputs.priority_class_name:
         pod_spec["priorityClassName"] = inputs.priority_class_name
+    return pod_spec
+
+
+def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
+    """The apps/v1 Deployment whose pods each serve one replica on one node."""
+    pod_spec = serving_pod_spec(inputs, model_source(inputs.model_uri))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
