@@ -69,7 +69,6 @@ class RayPorts:
     """The fixed ports a Ray node listens on (named so that NetworkPolicies can allow them)."""
 
     gcs: int = 6379
-    client_server: int = 10001
     dashboard_agent: int = 52365
 
 
@@ -162,15 +161,16 @@ def ray_script(inputs: GroupInputs) -> str:
     """Leader: Ray head, wait for every GPU, then vLLM on Ray. Workers: a Ray node that joins the head."""
     ports = inputs.ray_ports
     gpus = inputs.server.gpus_per_pod
-    common = f'--num-gpus={gpus} --node-ip-address="$VLLM_HOST_IP" --disable-usage-stats'
+    # The agent port may be moved per pod (ARGOSY_RAY_AGENT_PORT in engine.env) for hosts
+    # where several Ray nodes share one network namespace, as in tests.
+    common = (
+        f"--dashboard-agent-listen-port=${{ARGOSY_RAY_AGENT_PORT:-{ports.dashboard_agent}}} "
+        f'--num-gpus={gpus} --node-ip-address="$VLLM_HOST_IP" --disable-usage-stats'
+    )
     head = (
-        f"ray start --head --port={ports.gcs} --ray-client-server-port={ports.client_server} "
-        f"--dashboard-agent-listen-port={ports.dashboard_agent} --include-dashboard=false {common}"
+        f"ray start --head --port={ports.gcs} --include-dashboard=false {common}"
     )
-    worker = (
-        f"exec ray start --address={inputs.leader_address}:{ports.gcs} "
-        f"--dashboard-agent-listen-port={ports.dashboard_agent} {common} --block"
-    )
+    worker = f"exec ray start --address={inputs.leader_address}:{ports.gcs} {common} --block"
     workers = " ".join(
         f"--worker {shlex.quote(f'{inputs.name}-{ordinal}.{inputs.name}.{inputs.server.namespace}.svc')}"
         for ordinal in range(1, inputs.pods)

@@ -94,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray  # the vLLM image's Ray; imported late so --help works without it
 
-    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS", "auto"),
+        # The pod's address is the Ray node this driver joins (the head started with it).
+        _node_ip_address=os.environ.get("VLLM_HOST_IP") or None,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     start = time.monotonic()
     last_report = start
     try:
