@@ -17,6 +17,7 @@ carries a marker variable in its environment, and cleanup signals those PIDs alo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -128,18 +129,14 @@ class PodRunner:
     def stop(self) -> None:
         for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             for pid in self.own_pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + grace
             while self.own_pids() and time.monotonic() < deadline:
                 time.sleep(0.2)
         for process in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         leftover = self.own_pids()
         assert not leftover, f"processes left running: {leftover}"
 
