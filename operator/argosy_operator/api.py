@@ -609,6 +609,27 @@ class PlacementStatus(ApiModel):
     )
 
 
+class GroupRestartStatus(ApiModel):
+    """The last time the operator restarted a multi-node group, and why."""
+
+    reason: str = Field(max_length=128, description="MemberRestarted, MemberFailed, MemberLost, MemberReplaced or "
+                        "SpecChanged.")
+    message: str = Field(default="", max_length=4096, description="What happened.")
+    time: str = Field(max_length=64, description="When (RFC 3339).")
+
+
+class GroupStatus(ApiModel):
+    """One replica that spans nodes: a StatefulSet of podsPerReplica pods (ordinal 0 the leader)."""
+
+    name: str = Field(max_length=253, description="The group's StatefulSet and headless Service.")
+    pods: int = Field(ge=0, description="Pods in the group.")
+    ready_pods: int = Field(ge=0, description="Pods of the group that pass readiness.")
+    ready: bool = Field(description="Every pod of the group is ready: the replica serves.")
+    up_to_date: bool = Field(description="Every pod runs the current spec.")
+    restarts: int = Field(default=0, ge=0, description="Times the operator restarted the whole group.")
+    last_restart: GroupRestartStatus | None = Field(default=None, description="The latest group restart.")
+
+
 class LLMDeploymentStatus(ApiModel):
     """The observed state of an LLMDeployment."""
 
@@ -629,6 +650,12 @@ class LLMDeploymentStatus(ApiModel):
     placement: PlacementStatus | None = Field(default=None, description="The planner's decision.")
     served_model_names: list[str] = Field(
         default_factory=list, max_length=16, description="Names the gateway routes to this deployment."
+    )
+    groups: list[GroupStatus] = Field(
+        default_factory=list,
+        max_length=10000,
+        description="Replicas that span nodes, one entry per group (empty when a replica fits one node).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 
