@@ -148,14 +148,17 @@ class ServerInputs:
         return self.tensor_parallel_size * self.pipeline_parallel_size // self.pods_per_replica
 
 
-def selector_labels(name: str) -> dict[str, str]:
-    """The labels that select the serving pods (Deployment selector, Service, scale)."""
-    return {LABEL_DEPLOYMENT: name, LABEL_ROLE: ROLE_SERVER}
+def selector_labels(name: str, role: str = ROLE_SERVER) -> dict[str, str]:
+    """The labels that select the serving pods (Deployment selector, Service, scale).
+
+    `role` is `leader` for replicas that span nodes: one serving pod per group.
+    """
+    return {LABEL_DEPLOYMENT: name, LABEL_ROLE: role}
 
 
-def label_selector(name: str) -> str:
+def label_selector(name: str, role: str = ROLE_SERVER) -> str:
     """`status.selector` of the LLMDeployment: what `kubectl scale` and an HPA count."""
-    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name, role).items())
 
 
 def child_labels(name: str, role: str = ROLE_SERVER) -> dict[str, str]:
@@ -450,7 +453,7 @@ def service_name(name: str) -> str:
     return f"{cleaned[:56].rstrip('-')}-{digest}"
 
 
-def build_service(name: str, namespace: str, owner_uid: str) -> dict[str, Any]:
+def build_service(name: str, namespace: str, owner_uid: str, role: str = ROLE_SERVER) -> dict[str, Any]:
     """A ClusterIP Service in front of all serving pods (the gateway itself uses pod IPs)."""
     return {
         "apiVersion": "v1",
@@ -458,12 +461,12 @@ def build_service(name: str, namespace: str, owner_uid: str) -> dict[str, Any]:
         "metadata": {
             "name": service_name(name),
             "namespace": namespace,
-            "labels": child_labels(name),
+            "labels": child_labels(name, role),
             "ownerReferences": [owner_reference(name, owner_uid)],
         },
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(name),
+            "selector": selector_labels(name, role),
             "ports": [{"name": PORT_NAME, "port": SERVER_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import shlex
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from argosy_operator import programs
@@ -31,9 +32,12 @@ from argosy_operator.builders import (
     LABEL_ROLE,
     PORT_NAME,
     PROBE_PERIOD_SECONDS,
+    ROLE_SERVER,
     SERVER_PORT,
     STARTUP_FAILURE_THRESHOLD,
     ServerInputs,
+    build_deployment,
+    build_service,
     child_labels,
     model_source,
     owner_reference,
@@ -332,19 +336,32 @@ def build_groups(server: ServerInputs, executor: Executor = "mp") -> list[dict[s
     return objects
 
 
+def build_workload(server: ServerInputs, executor: Executor = "mp") -> list[dict[str, Any]]:
+    """Every serving child of a placement: a Deployment and its Service, or one group per replica
+    and a Service in front of the leaders."""
+    if server.pods_per_replica > 1:
+        service = build_service(server.name, server.namespace, server.owner_uid, role=ROLE_LEADER)
+        return [*build_groups(server, executor), service]
+    return [build_deployment(server), build_service(server.name, server.namespace, server.owner_uid)]
+
+
+def serving_role(pods_per_replica: int) -> str:
+    """The role of the pods that serve requests (and that `status.selector` counts)."""
+    return ROLE_LEADER if pods_per_replica > 1 else ROLE_SERVER
+
+
 def leader_pod_name(group: str) -> str:
     return f"{group}-0"
 
 
-def leader_pod_patch(server: ServerInputs, group: str) -> dict[str, Any]:
-    """What the operator applies to a group's ordinal-0 pod: the leader role and the served names."""
+def leader_metadata(served_model_names: Sequence[str]) -> dict[str, Any]:
+    """What the operator sets on a group's ordinal-0 pod: the leader role and the served names."""
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": leader_pod_name(group),
-            "namespace": server.namespace,
-            "labels": {LABEL_ROLE: ROLE_LEADER},
-            "annotations": {ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(server.served_model_names))},
-        },
+        "labels": {LABEL_ROLE: ROLE_LEADER},
+        "annotations": {ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(served_model_names))},
     }
+
+
+def leader_pod_patch(server: ServerInputs, group: str) -> dict[str, Any]:
+    """The merge patch that makes a group's ordinal-0 pod its leader."""
+    return {"metadata": {"name": leader_pod_name(group), **leader_metadata(server.served_model_names)}}

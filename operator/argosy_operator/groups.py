@@ -25,8 +25,9 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from argosy_operator import diffplan, status
 from argosy_operator.builders import ANNOTATION_SERVED_MODEL_NAMES, LABEL_ROLE
-from argosy_operator.group_builders import LABEL_GROUP, POD_INDEX_LABEL, ROLE_LEADER
+from argosy_operator.group_builders import LABEL_GROUP, POD_INDEX_LABEL, ROLE_LEADER, group_name
 
 REVISION_LABEL = "controller-revision-hash"
 # Members of one start are created within seconds of each other; one this much younger
@@ -288,6 +289,60 @@ def plan_groups(
 def _since_last_restart(entry: Mapping[str, Any], now: datetime.datetime) -> float:
     last = _timestamp((entry.get("lastRestart") or {}).get("time"))
     return (now - last).total_seconds() if last else float("inf")
+
+
+def observed_group_refs(children: Iterable[Mapping[str, Any]]) -> frozenset[diffplan.ChildRef]:
+    """The StatefulSets and headless Services of the groups among the observed children."""
+    return frozenset(
+        diffplan.ref_of(c)
+        for c in children
+        if c.get("kind") in ("StatefulSet", "Service")
+        and LABEL_GROUP in ((c.get("metadata") or {}).get("labels") or {})
+    )
+
+
+def desired_groups(deployment: str, replicas: int, size: int) -> list[DesiredGroup]:
+    """The groups `replicas` replicas of `size` pods each are."""
+    return [DesiredGroup(group_name(deployment, index), index, size) for index in range(replicas)]
+
+
+def rollout_view(plan: GroupPlan, desired: int) -> status.RolloutView:
+    """The groups as the status code sees a Deployment: one replica per group."""
+    groups = len(plan.groups)
+    return status.RolloutView(
+        generation=1,
+        observed_generation=1 if plan.caught_up else 0,
+        replicas=groups,
+        updated_replicas=min(plan.current_groups, desired),
+        available_replicas=plan.ready_groups,
+    )
+
+
+def replica_views(plan: GroupPlan, pods: Iterable[Mapping[str, Any]]) -> tuple[status.PodView, ...]:
+    """One view per group (a replica), carrying the first member problem the status should name."""
+    members: dict[str, list[status.PodView]] = {}
+    for pod in pods:
+        group = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_GROUP)
+        if group:
+            members.setdefault(str(group), []).append(status.pod_view(pod))
+    views = []
+    for entry in plan.groups:
+        found = [m for m in members.get(entry["name"], []) if not m.terminating]
+        views.append(status.PodView(
+            name=entry["name"],
+            ready=bool(entry["ready"]),
+            terminating=False,
+            unschedulable=next((m.unschedulable for m in found if m.unschedulable), None),
+            failing=next((m.failing for m in found if m.failing), None),
+        ))
+    return tuple(views)
+
+
+def restart_events(plan: GroupPlan) -> list[status.EventSpec]:
+    return [
+        status.EventSpec("Warning", "GroupRestarted", f"group {r.group} restarted: {r.message}")
+        for r in plan.restarts
+    ]
 
 
 def _record_restart(entry: dict[str, Any], reason: str, message: str, now: datetime.datetime) -> None:

@@ -104,6 +104,7 @@ def test_the_template_is_a_worker_and_only_the_leader_patch_makes_a_routable_lea
     assert "argosy.dev/served-model-names" not in template.get("annotations", {})
     patch = gb.leader_pod_patch(SERVER, "llama-405b-g0")
     assert patch["metadata"]["name"] == "llama-405b-g0-0"
+    assert gb.leader_metadata(SERVER.served_model_names).items() <= patch["metadata"].items()
     assert patch["metadata"]["labels"] == {"argosy.dev/role": "leader"}
     assert json.loads(patch["metadata"]["annotations"]["argosy.dev/served-model-names"]) == ["llama-405b", "llama-big"]
 
