@@ -86,6 +86,8 @@ class GroupPlan:
     groups: tuple[dict[str, Any], ...] = ()
     """status.groups entries, in group order."""
     ready_groups: int = 0
+    existing_groups: int = 0
+    """Groups with at least one member that is not terminating."""
     current_groups: int = 0
     """Groups whose every member runs the StatefulSet's current revision."""
     caught_up: bool = True
@@ -210,7 +212,7 @@ def plan_groups(
     entries: list[dict[str, Any]] = []
     waits: list[float] = []
     outdated: list[tuple[DesiredGroup, list[Member]]] = []
-    ready_groups = current_groups = 0
+    ready_groups = current_groups = existing_groups = 0
     caught_up = True
     for group in desired:
         sts = by_name.get(group.name)
@@ -220,7 +222,7 @@ def plan_groups(
         sts_caught_up = sts is not None and int(((sts.get("status") or {}).get("observedGeneration")) or 0) >= int(
             (sts.get("metadata") or {}).get("generation") or 0
         )
-        caught_up = caught_up and sts_caught_up
+        caught_up = caught_up and (sts is None or sts_caught_up)  # a missing one is being created
         current = (
             sts_caught_up
             and bool(update_revision)
@@ -264,6 +266,7 @@ def plan_groups(
             leaders.append(leader.name)
         ready_groups += entry["ready"]
         current_groups += current
+        existing_groups += bool(live)
         entries.append(entry)
 
     # One spec-change replacement at a time, and only while every group serves.
@@ -280,6 +283,7 @@ def plan_groups(
         leaders_to_label=tuple(leaders),
         groups=tuple(entries),
         ready_groups=ready_groups,
+        existing_groups=existing_groups,
         current_groups=current_groups,
         caught_up=caught_up,
         retry_after=min(waits) if waits else None,
@@ -308,11 +312,10 @@ def desired_groups(deployment: str, replicas: int, size: int) -> list[DesiredGro
 
 def rollout_view(plan: GroupPlan, desired: int) -> status.RolloutView:
     """The groups as the status code sees a Deployment: one replica per group."""
-    groups = len(plan.groups)
     return status.RolloutView(
         generation=1,
         observed_generation=1 if plan.caught_up else 0,
-        replicas=groups,
+        replicas=plan.existing_groups,
         updated_replicas=min(plan.current_groups, desired),
         available_replicas=plan.ready_groups,
     )
@@ -331,7 +334,7 @@ def replica_views(plan: GroupPlan, pods: Iterable[Mapping[str, Any]]) -> tuple[s
         views.append(status.PodView(
             name=entry["name"],
             ready=bool(entry["ready"]),
-            terminating=False,
+            terminating=not found,  # a group with no member running is not a replica that exists
             unschedulable=next((m.unschedulable for m in found if m.unschedulable), None),
             failing=next((m.failing for m in found if m.failing), None),
         ))

@@ -268,7 +268,8 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
     if groups_now is not None and spec is not None:
         # Replicas are groups: one per StatefulSet, ready when every member is.
         rollout = groups.rollout_view(groups_now, spec.replicas)
-        if any(s.ref.kind == "StatefulSet" for s in plan.apply) and not result.error:
+        changed = [s for s in plan.apply if s.ref.kind == "StatefulSet" and s.reason != diffplan.ApplyReason.MISSING]
+        if changed and not result.error:
             rollout = dataclasses.replace(rollout, observed_generation=0)  # the controller has yet to see it
         pods = groups.replica_views(groups_now, obs.pods)
         selector = builders.label_selector(name, group_builders.ROLE_LEADER)

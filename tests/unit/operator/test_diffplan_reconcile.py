@@ -212,6 +212,9 @@ async def test_a_new_group_gets_its_statefulset_headless_service_and_leader_serv
     assert status["selector"] == "argosy.dev/deployment=m,argosy.dev/role=leader"
     assert status["groups"] == [{"name": "m-g0", "pods": 2, "readyPods": 0, "ready": False, "upToDate": False,
                                  "restarts": 0}]
+    assert (status["replicas"], status["readyReplicas"]) == (0, 0)  # replicas count groups, none runs yet
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "ScalingUp")
 
 
 async def test_a_group_whose_worker_restarted_is_restarted_whole() -> None:
