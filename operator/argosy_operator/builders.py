@@ -352,7 +352,7 @@ def _tolerations(inputs: ServerInputs) -> list[dict[str, Any]]:
     return [gpu, *(dict(t) for t in inputs.tolerations if dict(t) != gpu)]
 
 
-def _pod_annotations(inputs: ServerInputs) -> dict[str, str]:
+def pod_annotations(inputs: ServerInputs) -> dict[str, str]:
     annotations = {
         ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(inputs.served_model_names)),
         "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
@@ -426,7 +426,7 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": child_labels(inputs.name),
-                    "annotations": _pod_annotations(inputs),
+                    "annotations": pod_annotations(inputs),
                 },
                 "spec": pod_spec,
             },

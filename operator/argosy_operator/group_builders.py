@@ -27,7 +27,6 @@ from typing import Any, Literal
 from argosy_operator import programs
 from argosy_operator.builders import (
     ANNOTATION_SERVED_MODEL_NAMES,
-    CONTAINER_NAME,
     LABEL_DEPLOYMENT,
     LABEL_ROLE,
     PORT_NAME,
@@ -41,6 +40,7 @@ from argosy_operator.builders import (
     child_labels,
     model_source,
     owner_reference,
+    pod_annotations,
     service_name,
     serving_pod_spec,
     vllm_args,
@@ -297,7 +297,10 @@ def build_group_statefulset(inputs: GroupInputs) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": _labels(inputs, ROLE_WORKER),
-                    "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME},
+                    # A single-node server's annotations but the served names: those mark the
+                    # leader only (leader_metadata).
+                    "annotations": {k: v for k, v in pod_annotations(server).items()
+                                    if k != ANNOTATION_SERVED_MODEL_NAMES},
                 },
                 "spec": pod_spec,
             },
