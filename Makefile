@@ -43,6 +43,7 @@ manifests-check: sandbox-build ## fail when a generated file is stale
 	@$(PY) -m argosy_operator.docgen --check
 
 STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/builders.py \
+	operator/argosy_operator/group_builders.py operator/argosy_operator/groups.py operator/argosy_operator/programs \
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
 	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \

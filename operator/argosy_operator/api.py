@@ -43,6 +43,7 @@ CheckpointDType = Literal["bfloat16", "float16", "float32"]
 TokenizerMode = Literal["auto", "hf", "mistral", "deepseek_v32", "deepseek_v4", "inkling", "kimi_k3", "cohere"]
 # The longest inline chat template: a ConfigMap holds at most 1 MiB, and the object carrying it too.
 MAX_INLINE_CHAT_TEMPLATE = 262_144
+DistributedExecutor = Literal["mp", "ray"]
 # The methods `vllm serve --quantization` takes (spec.engine.quantization); tests/contract checks
 # this list against vLLM's own.
 EngineQuantization = Literal[
@@ -428,6 +429,12 @@ class EngineSpec(ApiModel):
     enforce_eager: bool = Field(
         default=False, description="Disable CUDA graphs (`--enforce-eager`): less memory, slower decoding."
     )
+    distributed_executor: DistributedExecutor = Field(
+        default="mp",
+        description="How vLLM runs a replica that spans nodes (`--distributed-executor-backend`): `mp`, vLLM's "
+        "multiprocessing executor across nodes (`--nnodes`, `--node-rank`, workers `--headless`), or `ray` (a Ray "
+        "head in the leader pod, Ray workers in the others). Replicas on one node always use `mp`.",
+    )
     args: list[Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=list,
         max_length=128,
@@ -715,6 +722,27 @@ class AutoscalingStatus(ApiModel):
     )
 
 
+class GroupRestartStatus(ApiModel):
+    """The last time the operator restarted a multi-node group, and why."""
+
+    reason: str = Field(max_length=128, description="MemberRestarted, MemberFailed, MemberLost, MemberReplaced or "
+                        "SpecChanged.")
+    message: str = Field(default="", max_length=4096, description="What happened.")
+    time: str = Field(max_length=64, description="When (RFC 3339).")
+
+
+class GroupStatus(ApiModel):
+    """One replica that spans nodes: a StatefulSet of podsPerReplica pods (ordinal 0 the leader)."""
+
+    name: str = Field(max_length=253, description="The group's StatefulSet and headless Service.")
+    pods: int = Field(ge=0, description="Pods in the group.")
+    ready_pods: int = Field(ge=0, description="Pods of the group that pass readiness.")
+    ready: bool = Field(description="Every pod of the group is ready: the replica serves.")
+    up_to_date: bool = Field(description="Every pod runs the current spec.")
+    restarts: int = Field(default=0, ge=0, description="Times the operator restarted the whole group.")
+    last_restart: GroupRestartStatus | None = Field(default=None, description="The latest group restart.")
+
+
 class LLMDeploymentStatus(ApiModel):
     """The observed state of an LLMDeployment."""
 
@@ -738,6 +766,12 @@ class LLMDeploymentStatus(ApiModel):
     )
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="The autoscaler's last decision (set while spec.autoscaling.enabled)."
+    )
+    groups: list[GroupStatus] = Field(
+        default_factory=list,
+        max_length=10000,
+        description="Replicas that span nodes, one entry per group (empty when a replica fits one node).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 

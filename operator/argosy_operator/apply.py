@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from argosy_operator.diffplan import ApplyReason, ApplyStep, ChildPlan, controller_uid
+from argosy_operator.groups import GroupPlan
 from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.settings import API_VERSION, FIELD_MANAGER, KIND
@@ -173,3 +174,43 @@ async def _post_event(api: KubeApi, owner: Mapping[str, Any], event: EventSpec, 
     except (ApiError, OSError) as e:
         logger.warning("could not record event %s on %s/%s: %s", event.reason,
                        meta["namespace"], meta["name"], e)
+
+
+async def execute_groups(
+    api: KubeApi, namespace: str, plan: GroupPlan, leader_metadata: Mapping[str, Any]
+) -> ExecuteResult:
+    """Restart the groups the plan names (delete every member) and label their leaders.
+
+    `leader_metadata` is what every leader carries (group_builders.leader_metadata). A pod
+    that is already gone or was replaced (404, or 409 on the UID precondition) is skipped.
+    """
+    result = ExecuteResult()
+    steps: list[tuple[str, Any]] = []
+    for restart in plan.restarts:
+        for pod, uid in restart.pods:
+            steps.append((f"restarted group {restart.group}: deleted Pod/{pod}", api.request(
+                "DELETE", resource_path("v1", "Pod", namespace, pod),
+                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
+            )))
+    restarting = {pod for restart in plan.restarts for pod, _ in restart.pods}
+    for pod in plan.leaders_to_label:
+        if pod in restarting:
+            continue
+        # A merge patch, not an apply: it never creates a pod that has just gone away.
+        steps.append((f"labelled Pod/{pod} leader", api.request(
+            "PATCH", resource_path("v1", "Pod", namespace, pod),
+            body={"metadata": dict(leader_metadata)}, content_type=MERGE_CONTENT_TYPE,
+        )))
+    outcomes = await asyncio.gather(*(call for _, call in steps), return_exceptions=True)
+    failures = []
+    for (what, _), outcome in zip(steps, outcomes, strict=True):
+        if isinstance(outcome, ApiError):
+            if outcome.status not in (404, 409):
+                failures.append(outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            result.written.append(what)
+    if failures:
+        result.error = "restarting or labelling group pods failed: " + "; ".join(str(e) for e in failures)
+    return result

@@ -151,28 +151,34 @@ class ServerInputs:
     generation_override: tuple[tuple[str, float | int], ...] = ()
     """--override-generation-config entries, vLLM's names."""
     termination_grace_period_seconds: int = api.DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS
+    pods_per_replica: int = 1
+    """More than one: the replica is a group of pods on as many nodes (group_builders.py)."""
 
     @property
     def gpus_per_pod(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size // self.pods_per_replica
 
 
-def selector_labels(name: str) -> dict[str, str]:
-    """The labels that select the serving pods (Deployment selector, Service, scale)."""
-    return {LABEL_DEPLOYMENT: name, LABEL_ROLE: ROLE_SERVER}
+def selector_labels(name: str, role: str = ROLE_SERVER) -> dict[str, str]:
+    """The labels that select the serving pods (Deployment selector, Service, scale).
+
+    `role` is `leader` for replicas that span nodes: one serving pod per group.
+    """
+    return {LABEL_DEPLOYMENT: name, LABEL_ROLE: role}
 
 
-def label_selector(name: str) -> str:
+def label_selector(name: str, role: str = ROLE_SERVER) -> str:
     """`status.selector` of the LLMDeployment: what `kubectl scale` and an HPA count."""
-    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name, role).items())
 
 
-def child_labels(name: str) -> dict[str, str]:
+def child_labels(name: str, role: str = ROLE_SERVER) -> dict[str, str]:
     return {
         LABEL_MANAGED_BY: FIELD_MANAGER,
         LABEL_NAME: "vllm",
         LABEL_INSTANCE: name,
-        **selector_labels(name),
+        LABEL_DEPLOYMENT: name,
+        LABEL_ROLE: role,
     }
 
 
@@ -384,7 +390,7 @@ def _tolerations(inputs: ServerInputs) -> list[dict[str, Any]]:
     return [gpu, *(dict(t) for t in inputs.tolerations if dict(t) != gpu)]
 
 
-def _pod_annotations(inputs: ServerInputs) -> dict[str, str]:
+def pod_annotations(inputs: ServerInputs) -> dict[str, str]:
     annotations = {
         ANNOTATION_SERVED_MODEL_NAMES: json.dumps(list(inputs.served_model_names)),
         "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
@@ -415,9 +421,8 @@ def build_chat_template_config_map(name: str, namespace: str, owner_uid: str, te
     }
 
 
-def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
-    """The apps/v1 Deployment whose pods each serve one replica on one node."""
-    source = model_source(inputs.model_uri)
+def serving_pod_spec(inputs: ServerInputs, source: ModelSource) -> dict[str, Any]:
+    """The pod spec of a vLLM server: one container, the GPU product's nodes, volumes."""
     pod_spec: dict[str, Any] = {
         "containers": [_container(inputs, source)],
         "tolerations": _tolerations(inputs),
@@ -434,6 +439,12 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
         pod_spec["volumes"] = volumes
     if inputs.priority_class_name:
         pod_spec["priorityClassName"] = inputs.priority_class_name
+    return pod_spec
+
+
+def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
+    """The apps/v1 Deployment whose pods each serve one replica on one node."""
+    pod_spec = serving_pod_spec(inputs, model_source(inputs.model_uri))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -454,7 +465,7 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": child_labels(inputs.name),
-                    "annotations": _pod_annotations(inputs),
+                    "annotations": pod_annotations(inputs),
                 },
                 "spec": pod_spec,
             },
@@ -481,7 +492,7 @@ def service_name(name: str) -> str:
     return f"{cleaned[:56].rstrip('-')}-{digest}"
 
 
-def build_service(name: str, namespace: str, owner_uid: str) -> dict[str, Any]:
+def build_service(name: str, namespace: str, owner_uid: str, role: str = ROLE_SERVER) -> dict[str, Any]:
     """A ClusterIP Service in front of all serving pods (the gateway itself uses pod IPs)."""
     return {
         "apiVersion": "v1",
@@ -489,12 +500,12 @@ def build_service(name: str, namespace: str, owner_uid: str) -> dict[str, Any]:
         "metadata": {
             "name": service_name(name),
             "namespace": namespace,
-            "labels": child_labels(name),
+            "labels": child_labels(name, role),
             "ownerReferences": [owner_reference(name, owner_uid)],
         },
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(name),
+            "selector": selector_labels(name, role),
             "ports": [{"name": PORT_NAME, "port": SERVER_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }

@@ -179,8 +179,18 @@ def _human(model: str, facts: ModelFacts, settings: EngineSettings, placement: P
         f"Model:        {model} ({parameter_count(facts) / 1e9:.2f}B parameters, {kind} weights "
         f"{placement.weights_gib:.2f} GiB)",
         f"Placement:    tensor {placement.tensor_parallel_size} x pipeline {placement.pipeline_parallel_size} = "
-        f"{placement.pods_per_replica} pod(s) x {placement.gpus_per_pod} {placement.gpu_product}",
+        + (
+            f"{placement.pods_per_replica} pods per replica, one per node, each {placement.gpus_per_pod} "
+            f"{placement.gpu_product}"
+            if placement.pods_per_replica > 1
+            else f"1 pod x {placement.gpus_per_pod} {placement.gpu_product}"
+        ),
     ]
+    if memory is not None and len(memory.stage_layers) > 1:
+        lines.append(
+            f"Stages:       layers {' + '.join(map(str, memory.stage_layers))}; stage {memory.binding_stage} binds "
+            "(the smallest KV cache: vLLM sizes every stage to it)"
+        )
     if memory is not None:
         lines.append(
             f"Per GPU:      budget {memory.budget / GIB:.2f} GiB = weights {memory.weights / GIB:.2f} + "

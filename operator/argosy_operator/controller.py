@@ -24,12 +24,12 @@ from argosy_operator.workqueue import Outcome, WorkQueue, outcome_label
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAMES = ("argosy_llmdeployments", "argosy_gpu_nodes", "argosy_deployments", "argosy_services",
-               "argosy_config_maps", "argosy_pods")
+INDEX_NAMES = ("argosy_llmdeployments", "argosy_gpu_nodes", "argosy_deployments", "argosy_statefulsets",
+               "argosy_services", "argosy_config_maps", "argosy_pods")
 
 
 class _Children(Mapping[Any, tuple[Any, ...]]):
-    """Deployments, Services and ConfigMaps of one owner, read through their indexes."""
+    """Deployments, StatefulSets, Services and ConfigMaps of one owner, read through their indexes."""
 
     def __init__(self, *indexes: Mapping[Any, Any]) -> None:
         self._indexes = indexes
@@ -153,7 +153,8 @@ class Runtime:
             key,
             idx.get("argosy_llmdeployments"),
             idx.get("argosy_gpu_nodes"),
-            _Children(idx["argosy_deployments"], idx["argosy_services"], idx["argosy_config_maps"]),
+            _Children(idx["argosy_deployments"], idx["argosy_statefulsets"], idx["argosy_services"],
+                      idx["argosy_config_maps"]),
             idx.get("argosy_pods"),
         )
 

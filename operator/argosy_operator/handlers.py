@@ -22,9 +22,11 @@ from argosy_operator.settings import FIELD_MANAGER, GROUP, PLURAL, VERSION
 MANAGED = {LABEL_MANAGED_BY: FIELD_MANAGER}
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={FIELD_MANAGER}"
 KOPF_ANNOTATION_PREFIX = "kopf.argosy.dev"
-# What the operator creates (ConfigMaps: inline chat templates) and watches by its label.
-CHILD_RESOURCES = (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "configmaps"),
-                   ("", "v1", "pods"))
+# What the operator creates (ConfigMaps: inline chat templates; StatefulSets: replicas that span
+# nodes) and the pods its controllers create: watched by its label, cached, and each change re-runs
+# its LLMDeployment's reconcile.
+CHILD_RESOURCES = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("", "v1", "services"),
+                   ("", "v1", "configmaps"), ("", "v1", "pods"))
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -77,6 +79,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry,
                 id="argosy_deployments")
     async def argosy_deployments(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        key = observe.owner_key(body)
+        return {key: observe.trim_child(body)} if key else {}
+
+    @kopf.index("apps", "v1", "statefulsets", labels=MANAGED, registry=registry,
+                id="argosy_statefulsets")
+    async def argosy_statefulsets(body: kopf.Body, **_: Any) -> dict[Any, Any]:
         key = observe.owner_key(body)
         return {key: observe.trim_child(body)} if key else {}
 

@@ -21,6 +21,7 @@ import aiohttp
 # kind -> (API path prefix, plural) for the kinds the operator touches.
 _RESOURCES: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "StatefulSet"): "statefulsets",
     ("v1", "Service"): "services",
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Pod"): "pods",

@@ -61,7 +61,7 @@ def gpu_view(node: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def trim_child(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A Deployment or Service as we compare it with the desired one (minus bookkeeping)."""
+    """A Deployment, StatefulSet or Service as we compare it with the desired one (minus bookkeeping)."""
     obj = _plain(body)
     obj.get("metadata", {}).pop("managedFields", None)
     return obj
@@ -73,7 +73,11 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy({
         "metadata": {
             "name": meta.get("name"),
+            "uid": meta.get("uid"),
             "labels": dict(meta.get("labels") or {}),
+            # Ours only (the served names a group leader must carry), not every tool's.
+            "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("argosy.dev/")},
+            "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
         "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},

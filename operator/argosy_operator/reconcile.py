@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pydantic
 
-from argosy_operator import apply, builders, chattemplate, diffplan, status, sticky
+from argosy_operator import apply, builders, chattemplate, diffplan, group_builders, groups, status, sticky
 from argosy_operator.api import LLMDeploymentSpec, ModelFacts, PlacementStatus, served_names
 from argosy_operator.hubfacts import HubFacts
 from argosy_operator.kubeapi import KubeApi
@@ -113,6 +114,7 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         chat_template=chat_template,
         generation_override=tuple(sorted(defaults.vllm_override().items())) if defaults else (),
         termination_grace_period_seconds=engine.termination_grace_period_seconds,
+        pods_per_replica=placement.pods_per_replica,
     )
 
 
@@ -182,24 +184,20 @@ def decide(
             planned = plan_for_spec(spec, inventory_from_nodes([dict(n) for n in nodes]), facts=facts)
         except PlacementError as e:
             return no_placement(str(e.reason or "NoPlacement"), str(e.message))
-        if planned.pods_per_replica > 1:
-            return no_placement("MultiNodeNotYetSupported", (
-                f"one replica needs {planned.pods_per_replica} nodes of {planned.gpu_product} "
-                f"(tensor {planned.tensor_parallel_size} x pipeline {planned.pipeline_parallel_size}); "
-                "replicas that span nodes are not supported yet. Allow a GPU product with more memory per "
-                "node, quantize the weights, or shorten engine.maxModelLen"
-            ))
         placement = sticky.record(planned.to_status(), max_model_len=planned.max_model_len, generation=generation,
                                   digest=digest, request=request, nodes=nodes, now=now)
     assert placement is not None
     try:
         mount = chat_template.mount if chat_template is not None else None
-        deployment = builders.build_deployment(server_inputs(name, namespace, uid, spec, placement, mount))
+        inputs = server_inputs(name, namespace, uid, spec, placement, mount)
+        # A Deployment, or a group (StatefulSet + headless Service) per replica; and the Service
+        # in front of the serving pods (the groups' leaders).
+        children = group_builders.build_workload(inputs, spec.engine.distributed_executor)
     except ValueError as e:  # a URI the admission rules let through but we cannot map
         return no_placement("InvalidSpec", str(e))
     capacity = sticky.capacity_problem(name, placement, spec.replicas, nodes, spec.scheduling.node_selector)
     owned = (chat_template.owned_config_map,) if chat_template and chat_template.owned_config_map else ()
-    return Decision(spec=spec, placement=placement, desired=(deployment, service, *owned), replanned=cause,
+    return Decision(spec=spec, placement=placement, desired=(*children, *owned), replanned=cause,
                     capacity_problem=capacity)
 
 
@@ -241,8 +239,18 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
         template = await chattemplate.resolve(parsed.engine.chat_template, name, namespace, uid,
                                               functools.partial(apply.read_config_map, ctx.api))
     decision = decide(body, obs.nodes, facts, previous=previous, now=now, chat_template=template)
-    plan = diffplan.plan_children(uid, decision.desired, obs.children, keep=decision.keep)
+    keep, desired = decision.keep, decision.desired
+    kept_groups = groups.observed_group_refs(obs.children)
+    if diffplan.ChildRef("Deployment", name) in keep and kept_groups:
+        # The kept workload is groups: keep them, and the Service that selects their leaders.
+        keep |= kept_groups | {diffplan.ChildRef("Service", builders.service_name(name))}
+        desired = tuple(d for d in desired if diffplan.ref_of(d) not in keep)
+    plan = diffplan.plan_children(uid, desired, obs.children, keep=keep)
     result = await apply.execute_plan(ctx.api, namespace, uid, plan, ctx.metrics)
+    group_plan = await _run_groups(ctx, obs, decision, previous)
+    if group_plan is not None:
+        result.written += group_plan[1].written
+        result.error = result.error or group_plan[1].error
     if result.written:
         logger.info("reconciled %s/%s: %s", namespace, name, ", ".join(result.written))
     if decision.replanned and decision.failure is None and decision.placement is not None:
@@ -255,6 +263,17 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
         # The cache predates our write: the Deployment controller has yet to see it.
         rollout = dataclasses.replace(rollout, generation=rollout.observed_generation + 1)
     spec = decision.spec
+    pods = tuple(status.pod_view(p) for p in obs.pods)
+    selector = builders.label_selector(name)
+    groups_now = group_plan[0] if group_plan is not None else None
+    if groups_now is not None and spec is not None:
+        # Replicas are groups: one per StatefulSet, ready when every member is.
+        rollout = groups.rollout_view(groups_now, spec.replicas)
+        changed = [s for s in plan.apply if s.ref.kind == "StatefulSet" and s.reason != diffplan.ApplyReason.MISSING]
+        if changed and not result.error:
+            rollout = dataclasses.replace(rollout, observed_generation=0)  # the controller has yet to see it
+        pods = groups.replica_views(groups_now, obs.pods)
+        selector = builders.label_selector(name, group_builders.ROLE_LEADER)
     new_status = status.compute_status(
         status.StatusInputs(
             name=name,
@@ -263,16 +282,19 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
             desired_replicas=spec.replicas if spec is not None else int(
                 (observed_deployment or {}).get("spec", {}).get("replicas") or 0),
             served_model_names=tuple(served_names(spec, name)) if spec is not None else (name,),
-            selector=builders.label_selector(name),
+            selector=selector,
             now=now,
             placement=decision.placement.to_api() if decision.placement is not None else None,
             placement_failure=decision.failure,
-            kept_workload=decision.failure is not None and observed_deployment is not None,
+            kept_workload=decision.failure is not None and (
+                observed_deployment is not None or bool(groups.observed_group_refs(obs.children))),
             capacity_problem=decision.capacity_problem,
             deployment=rollout,
-            pods=tuple(status.pod_view(p) for p in obs.pods),
+            pods=pods,
             apply_error=result.error,
             conflicts=tuple(result.conflicts),
+            groups=groups_now.groups if groups_now is not None else (),
+            group_restart=groups_now.restarting if groups_now is not None else None,
         ),
         previous,
     )
@@ -284,6 +306,7 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
             return Done("gone")
         ctx.written[obs.key] = (uid, version, new_status)
         events = status.transition_events(previous.get("conditions"), new_status["conditions"])
+        events += groups.restart_events(groups_now) if groups_now is not None else []
         if events:
             await apply.post_events(ctx.api, body, events, now)
 
@@ -293,4 +316,28 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
         return Retry("; ".join(result.conflicts), after=CONFLICT_RETRY_SECONDS)
     if decision.spec is None and decision.failure is not None:
         return WaitForChange(decision.failure.message)
+    if groups_now is not None and groups_now.retry_after is not None:
+        return Retry("a group decision waits on time", after=groups_now.retry_after)
     return Done()
+
+
+async def _run_groups(
+    ctx: ReconcileContext, obs: Observation, decision: Decision, previous: Mapping[str, Any]
+) -> tuple[groups.GroupPlan, apply.ExecuteResult] | None:
+    """For replicas that span nodes: decide group restarts and leader labels (groups.py), and carry them out."""
+    spec, placement = decision.spec, decision.placement
+    if spec is None or decision.failure is not None or placement is None or placement.pods_per_replica < 2:
+        return None
+    assert obs.llmdeployment is not None
+    meta = obs.llmdeployment["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    group_plan = groups.plan_groups(
+        groups.desired_groups(name, spec.replicas, placement.pods_per_replica),
+        [c for c in obs.children if c.get("kind") == "StatefulSet" and diffplan.controller_uid(c) == uid],
+        obs.pods,
+        json.dumps(served_names(spec, name)),
+        ctx.clock(),
+        previous.get("groups") or (),
+    )
+    leader = group_builders.leader_metadata(served_names(spec, name))
+    return group_plan, await apply.execute_groups(ctx.api, namespace, group_plan, leader)

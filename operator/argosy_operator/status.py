@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from argosy_operator.api import Condition, LLMDeploymentStatus, PlacementStatus
+from argosy_operator.api import Condition, GroupStatus, LLMDeploymentStatus, PlacementStatus
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -78,6 +78,10 @@ class StatusInputs:
     pods: tuple[PodView, ...] = ()
     apply_error: str | None = None
     conflicts: tuple[str, ...] = ()
+    groups: tuple[Mapping[str, Any], ...] = ()
+    """status.groups: one entry per replica that spans nodes (groups.py)."""
+    group_restart: str | None = None
+    """A group restarted after a member failed and is not Ready yet."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +159,8 @@ def _degraded(inputs: StatusInputs, live: Sequence[PodView]) -> dict[str, Any]:
         return _condition(DEGRADED, True, "ApplyFailed", inputs.apply_error)
     if inputs.placement_failure is not None:
         return _condition(DEGRADED, True, "PlacementFailed", _failure_message(inputs))
+    if inputs.group_restart:
+        return _condition(DEGRADED, True, "GroupRestarted", inputs.group_restart)
     failing = [p for p in live if p.failing]
     if failing:
         p = failing[0]
@@ -248,6 +254,7 @@ def compute_status(inputs: StatusInputs, previous: Mapping[str, Any] | None) -> 
         served_model_names=list(inputs.served_model_names),
         conditions=[Condition.model_validate(c) for c in conditions],
         placement=PlacementStatus.model_validate(inputs.placement) if inputs.placement is not None else None,
+        groups=[GroupStatus.model_validate(g) for g in inputs.groups],
     ).to_api()
 
 

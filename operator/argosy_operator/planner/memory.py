@@ -8,9 +8,11 @@ vLLM (V1 engine) sizes its KV cache at startup as
                         - non-torch memory (CUDA context growth, NCCL and all-reduce buffers)
                         - CUDA graph memory (estimated before allocating the cache since v0.21)
 
-and logs the result as "GPU KV cache size: N tokens". This module reproduces that budget from
-config.json facts. The constants are calibrated against published vLLM startup logs; see
-docs/planner.md for the calibration table and the expected error.
+and logs the result as "GPU KV cache size: N tokens". With pipeline parallelism every stage
+profiles its own layers and the engine gives all of them the block count of the smallest: the
+stage with the most layers (and the embeddings or the output head) binds. This module reproduces
+that budget from config.json facts, stage by stage. The constants are calibrated against
+published vLLM startup logs; see docs/planner.md for the calibration table and the expected error.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ class EngineSettings:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     enforce_eager: bool = False
+    pp_layer_partition: tuple[int, ...] | None = None
+    """Layers per pipeline stage from VLLM_PP_LAYER_PARTITION; None: vLLM's own split."""
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """One GPU of a replica, in bytes, and the replica's KV capacity in tokens."""
+    """One GPU of the binding pipeline stage, in bytes, and the replica's KV capacity in tokens."""
 
     budget: int
     weights: int
@@ -74,6 +78,10 @@ class MemoryEstimate:
     kv_bytes_per_token: int
     kv_cache_tokens: int
     max_model_len: int
+    stage_layers: tuple[int, ...] = ()
+    """Decoder layers of each pipeline stage."""
+    binding_stage: int = 0
+    """The stage whose KV cache is the smallest (vLLM sizes every stage to it)."""
 
     @property
     def overhead(self) -> int:
@@ -154,7 +162,25 @@ def weights_bytes(facts: ModelFacts, settings: EngineSettings) -> int:
     return int(quantized * per_weight + (total - quantized) * 2)
 
 
-def kv_bytes_per_token(facts: ModelFacts, settings: EngineSettings, tensor: int, pipeline: int) -> int:
+def stage_layers(num_layers: int, pipeline: int, partition: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Decoder layers per pipeline stage, as vLLM splits them (vllm.distributed.utils.get_pp_indices).
+
+    An even share each; the remainder goes one layer at a time to the stages before the last,
+    starting from the second-to-last (the last stage also runs the output head). A
+    VLLM_PP_LAYER_PARTITION given in engine.env replaces the split.
+    """
+    if partition is not None:
+        return partition
+    base, extra = divmod(num_layers, pipeline)
+    parts = [base] * pipeline
+    for index in range(2, extra + 2):
+        parts[-index] += 1
+    return tuple(parts)
+
+
+def kv_bytes_per_token(
+    facts: ModelFacts, settings: EngineSettings, tensor: int, pipeline: int, *, layers: int | None = None
+) -> int:
     """KV-cache bytes one GPU stores per token (vLLM's page size divided by the block size).
 
     Standard attention stores K and V for the KV heads of this rank: heads are split across
@@ -162,13 +188,36 @@ def kv_bytes_per_token(facts: ModelFacts, settings: EngineSettings, tensor: int,
     (DeepSeek-V2/V3) stores one compressed latent (kv_lora_rank + qk_rope_head_dim) per token per
     layer on every rank: it is not split by tensor parallelism.
     """
-    layers = math.ceil(facts.num_hidden_layers / pipeline)
+    if layers is None:
+        layers = math.ceil(facts.num_hidden_layers / pipeline)
     element = kv_element_bytes(facts, settings)
     if facts.uses_mla:
         latent = (facts.kv_lora_rank or 0) + (facts.qk_rope_head_dim or 0)
         return layers * latent * element
     kv_heads_per_rank = max(1, facts.kv_heads // tensor)
     return 2 * layers * kv_heads_per_rank * facts.head_size * element
+
+
+def stage_weights_bytes(facts: ModelFacts, settings: EngineSettings, layers: int, *, first: bool, last: bool) -> int:
+    """Weight bytes of one pipeline stage (all its tensor ranks together).
+
+    Decoder layers share the replica's layer weights evenly; the first stage also holds the
+    embeddings and the last the output head (a copy of the embeddings when they are tied and
+    the stages differ, as vLLM builds it).
+    """
+    counts = parameter_counts(facts)
+    scale = facts.parameters / counts.total if facts.parameters else 1.0
+    # Embeddings and the output head stay 16-bit under weight quantization (see weights_bytes).
+    unit = compute_dtype_bytes(facts, settings) if weight_bits(facts, settings) == 16 else 2
+    table = facts.vocab_size * facts.hidden_size * scale * unit
+    head_in_total = 0.0 if facts.tie_word_embeddings else table
+    per_layer = (weights_bytes(facts, settings) - table - head_in_total) / facts.num_hidden_layers
+    stage = per_layer * layers
+    if first:
+        stage += table
+    if last and not (first and facts.tie_word_embeddings):
+        stage += table
+    return int(stage)
 
 
 def is_h100_class(product: str, memory_mib: int) -> bool:
@@ -214,30 +263,43 @@ def estimate(
     tensor: int,
     pipeline: int,
 ) -> MemoryEstimate:
-    """Estimate one GPU of a replica with `tensor` x `pipeline` GPUs of `memory_mib` MiB."""
+    """Estimate one GPU of a replica with `tensor` x `pipeline` GPUs of `memory_mib` MiB.
+
+    Every pipeline stage is estimated on its own; the result is the binding stage (the fewest
+    KV tokens), whose capacity is the replica's.
+    """
     gpus = tensor * pipeline
     max_model_len = settings.max_model_len or facts.max_position_embeddings
     budget = int((memory_mib - CUDA_RESERVED_MIB) * MIB * settings.gpu_memory_utilization)
-    weights = weights_bytes(facts, settings) // gpus
     batched = settings.max_num_batched_tokens or default_max_num_batched_tokens(product, memory_mib)
     seqs = settings.max_num_seqs or default_max_num_seqs(product, memory_mib)
     activation = activation_bytes(facts, settings, tensor, batched)
-    sampler = seqs * facts.vocab_size * 4 * SAMPLER_LOGIT_COPIES
     non_torch = NON_TORCH_SINGLE_GPU if gpus == 1 else NON_TORCH_MULTI_GPU
-    layers_per_stage = math.ceil(facts.num_hidden_layers / pipeline)
-    cuda_graphs = 0 if settings.enforce_eager else CUDA_GRAPH_BASE + CUDA_GRAPH_PER_LAYER * layers_per_stage
-    kv_cache = budget - weights - activation - sampler - non_torch - cuda_graphs
-    per_token = kv_bytes_per_token(facts, settings, tensor, pipeline)
-    blocks = kv_cache // (per_token * BLOCK_SIZE) if kv_cache > 0 else 0
-    return MemoryEstimate(
-        budget=budget,
-        weights=weights,
-        activation=activation,
-        sampler=sampler,
-        non_torch=non_torch,
-        cuda_graphs=cuda_graphs,
-        kv_cache=kv_cache,
-        kv_bytes_per_token=per_token,
-        kv_cache_tokens=blocks * BLOCK_SIZE,
-        max_model_len=max_model_len,
-    )
+    layers = stage_layers(facts.num_hidden_layers, pipeline, settings.pp_layer_partition)
+    stages: list[MemoryEstimate] = []
+    for index, count in enumerate(layers):
+        last = index == pipeline - 1
+        weights = stage_weights_bytes(facts, settings, count, first=index == 0, last=last) // tensor
+        # Only the last stage computes logits, so only it runs the dummy sampler pass.
+        sampler = seqs * facts.vocab_size * 4 * SAMPLER_LOGIT_COPIES if last else 0
+        cuda_graphs = 0 if settings.enforce_eager else CUDA_GRAPH_BASE + CUDA_GRAPH_PER_LAYER * count
+        kv_cache = budget - weights - activation - sampler - non_torch - cuda_graphs
+        per_token = kv_bytes_per_token(facts, settings, tensor, pipeline, layers=max(count, 1))
+        blocks = kv_cache // (per_token * BLOCK_SIZE) if kv_cache > 0 else 0
+        stages.append(
+            MemoryEstimate(
+                budget=budget,
+                weights=weights,
+                activation=activation,
+                sampler=sampler,
+                non_torch=non_torch,
+                cuda_graphs=cuda_graphs,
+                kv_cache=kv_cache,
+                kv_bytes_per_token=per_token,
+                kv_cache_tokens=blocks * BLOCK_SIZE,
+                max_model_len=max_model_len,
+                stage_layers=layers,
+                binding_stage=index,
+            )
+        )
+    return min(stages, key=lambda stage: (stage.kv_cache_tokens, stage.kv_cache))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from argosy_operator.api import LLMDeploymentSpec, ModelFacts
+from argosy_operator.api import EnvVar, LLMDeploymentSpec, ModelFacts
 from argosy_operator.planner.errors import PlacementError
 from argosy_operator.planner.facts import hf_repo_id, resolve_facts
 from argosy_operator.planner.inventory import GpuPool
@@ -202,6 +202,13 @@ def _check_explicit(req: PlanRequest) -> None:
         if problem:
             valid = ", ".join(map(str, valid_tensor_sizes(req.facts, req.settings, 64)[:12]))
             raise PlacementError("InvalidParallelism", f"{problem} of {req.model}; valid tensor sizes: {valid}.")
+    partition = req.settings.pp_layer_partition
+    if partition is not None and (sum(partition) != layers or (req.pipeline or len(partition)) != len(partition)):
+        raise PlacementError(
+            "InvalidParallelism",
+            f"VLLM_PP_LAYER_PARTITION {','.join(map(str, partition))} must name one layer count per pipeline "
+            f"stage ({req.pipeline or len(partition)}) adding up to the {layers} layers of {req.model}.",
+        )
     if req.pipeline is not None and req.pipeline > layers:
         raise PlacementError(
             "InvalidParallelism",
@@ -265,6 +272,8 @@ def _plan_pool(req: PlanRequest, pool: GpuPool) -> _Option:
 
     stages = p or 1
     single = [o for x in valid_tensor_sizes(facts, settings, gpn // stages) if (o := _evaluate(req, pool, x, stages))]
+    if p is None:
+        single += _pipelined_within_node(req, pool)
     chosen = _pick_growing(single, target)
     if chosen is not None:
         return chosen
@@ -285,6 +294,30 @@ def _plan_pool(req: PlanRequest, pool: GpuPool) -> _Option:
     if chosen is None:
         raise _PoolFailure("InsufficientGpuMemory", f"{pool.describe()} cannot hold one sequence")
     return chosen
+
+
+def _pipelined_within_node(req: PlanRequest, pool: GpuPool) -> list[_Option]:
+    """Tensor x pipeline layouts on one node for GPU counts tensor parallelism alone cannot use.
+
+    When the attention (or KV) heads do not divide the node's GPUs, the largest valid tensor size
+    leaves GPUs idle; pipeline stages of that tensor size use them (GPU counts that divide the
+    node, so the rest of the node stays usable for other pods).
+    """
+    gpn = pool.gpus_per_node
+    tensors = valid_tensor_sizes(req.facts, req.settings, gpn)
+    largest = tensors[-1] if tensors else 1
+    options: list[_Option] = []
+    for gpus in range(largest + 1, gpn + 1):
+        if gpn % gpus:
+            continue
+        for tensor in reversed(tensors):
+            stages = gpus // tensor
+            if gpus % tensor == 0 and 1 < stages <= req.facts.num_hidden_layers:
+                option = _evaluate(req, pool, tensor, stages)
+                if option is not None:
+                    options.append(option)
+                break
+    return options
 
 
 def _rank(option: _Option, target: int) -> tuple[Any, ...]:
@@ -325,28 +358,83 @@ def _gpus_phrase(option: _Option) -> str:
     return f"{option.gpus} x {option.pool.product}"
 
 
-def _reason(req: PlanRequest, option: _Option, considered: int) -> str:
+def _given(req: PlanRequest) -> list[str]:
+    return [
+        f"{name} {value}"
+        for name, value in (("gpu.count", req.gpu_count), ("tensor", req.tensor), ("pipeline", req.pipeline))
+        if value is not None
+    ]
+
+
+def _chosen(req: PlanRequest, option: _Option) -> str:
+    """The values the planner picked (those the spec left `auto`)."""
+    picked = [
+        f"{name} {value}"
+        for name, value, given in (
+            ("tensor", option.tensor, req.tensor),
+            ("pipeline", option.pipeline, req.pipeline),
+        )
+        if given is None
+    ]
+    return " x ".join(picked)
+
+
+def _capacity(req: PlanRequest, option: _Option, limit: str) -> str:
+    """How much the layout holds against the target, and why no more when short of it."""
     length = f"{req.max_model_len:,}"
     conc = option.memory.max_concurrency
     target = req.target_sequences
-    shape = f"tensor {option.tensor} x pipeline {option.pipeline}"
-    if req.tensor is not None or req.pipeline is not None or req.gpu_count is not None:
-        return f"Explicit parallelism: {shape} on {_gpus_phrase(option)} holds {conc:.1f} sequences of {length} tokens."
-    if option.pods > 1:
-        return (
-            f"One node of {option.pool.gpus_per_node} x {option.pool.product} cannot hold one {length}-token "
-            f"sequence, so a replica spans {option.pods} nodes ({shape}) and holds {conc:.1f} sequences."
-        )
-    pools_note = f" of {considered} allowed GPU pools" if considered > 1 else ""
+    held = f"holds {conc:.1f} sequences of {length} tokens"
     if option.meets(target):
-        return (
-            f"{_gpus_phrase(option)} ({shape}) is the smallest footprint{pools_note} whose KV cache holds "
-            f"the target of {target} sequences of {length} tokens ({conc:.1f})."
+        return f"{held}, meeting the target of {target}"
+    return f"{held}, below the target of {target}: {limit}"
+
+
+def _reason(req: PlanRequest, option: _Option, considered: int) -> str:
+    """One sentence: which values were given, which chosen, and why (target reached or GPUs used up)."""
+    pool = option.pool
+    shape = f"tensor {option.tensor} x pipeline {option.pipeline}"
+    where = _gpus_phrase(option)
+    if option.pods > 1:
+        where += f", {option.pods} pods per replica"
+    given = _given(req)
+    chosen = _chosen(req, option)
+    if given and not chosen:
+        derived = "" if req.tensor is not None and req.pipeline is not None else f", so {shape}"
+        capacity = _capacity(req, option, "the given values decide")
+        return f"Given {' and '.join(given)}{derived} (spec) on {where}: it {capacity}."
+    prefix = f"Given {' and '.join(given)}; chose {chosen}" if given else f"Chose {shape}"
+    if option.pods > 1:
+        if req.tensor is None and req.pipeline is None and req.gpu_count is None:
+            nodes = "one stage per node" if option.pipeline == option.pods else (
+                f"{option.pipeline // option.pods} stages per node"
+            )
+            why = (
+                f"one node of {pool.gpus_per_node} x {pool.product} cannot hold one {req.max_model_len:,}-token "
+                f"sequence, so tensor {option.tensor} spans the GPUs of a node and the pipeline crosses "
+                f"{option.pods} nodes ({nodes})"
+            )
+        else:
+            why = f"the given values need {option.pods} nodes"
+        limit = f"no longer pipeline on the {pool.nodes} allowed nodes holds more"
+        return f"{prefix} on {where}: {why}; it {_capacity(req, option, limit)}."
+    gpus = f"{pool.gpus_per_node} GPU" + ("s" if pool.gpus_per_node > 1 else "")
+    limit = f"the node is used up (no valid layout on one node of {gpus} holds more)"
+    if option.pipeline > 1 and req.pipeline is None:
+        problem = tensor_problem(req.facts, req.settings, option.gpus)
+        why = (
+            f"{problem}, so pipeline stages of tensor {option.tensor} use the node's GPUs"
+            if problem
+            else f"pipeline stages of tensor {option.tensor} use the node's GPUs"
         )
-    return (
-        f"{_gpus_phrase(option)} ({shape}) holds {conc:.1f} sequences of {length} tokens, below the "
-        f"target of {target}; no valid layout on one allowed node holds more."
-    )
+        return f"{prefix} on {where} (one node): {why}; it {_capacity(req, option, limit)}."
+    if option.meets(req.target_sequences):
+        what = f"the smallest footprint of {considered} allowed GPU pools" if considered > 1 else "the fewest GPUs"
+        return (
+            f"{prefix} on {where}: {what} whose KV cache holds the target of "
+            f"{req.target_sequences} sequences of {req.max_model_len:,} tokens ({option.memory.max_concurrency:.1f})."
+        )
+    return f"{prefix} on {where}: it {_capacity(req, option, limit)}."
 
 
 def _placement(req: PlanRequest, option: _Option, considered: int) -> Placement:
@@ -415,6 +503,9 @@ def plan(req: PlanRequest, pools: list[GpuPool]) -> Placement:
     if req.target_sequences < 1:
         raise PlacementError("InvalidParallelism", "planning.targetSequences must be at least 1.")
     _check_explicit(req)
+    if req.settings.pp_layer_partition is not None and req.pipeline is None:
+        # A layer partition in engine.env fixes the number of stages.
+        req = replace(req, pipeline=len(req.settings.pp_layer_partition))
     allowed = _allowed(req, pools)
     if not allowed:
         have = "; ".join(p.describe() for p in pools) or "no Ready, schedulable nodes with labelled GPUs"
@@ -460,6 +551,7 @@ def request_from_spec(spec: LLMDeploymentSpec, facts: ModelFacts) -> PlanRequest
         max_num_batched_tokens=engine.max_num_batched_tokens,
         max_num_seqs=_int_flag(engine.args, "--max-num-seqs"),
         enforce_eager=engine.enforce_eager or "--enforce-eager" in engine.args,
+        pp_layer_partition=_layer_partition(engine.env),
     )
     return PlanRequest(
         model=hf_repo_id(spec.model.uri) or spec.model.uri,
@@ -481,6 +573,17 @@ def plan_for_spec(spec: LLMDeploymentSpec, pools: list[GpuPool], facts: ModelFac
     """
     resolved = facts if facts is not None and spec.model.facts is None else resolve_facts(spec.model)
     return plan(request_from_spec(spec, resolved), pools)
+
+
+def _layer_partition(env: list[EnvVar]) -> tuple[int, ...] | None:
+    """VLLM_PP_LAYER_PARTITION ("31,30") from engine.env; a value that is not a list of counts
+    (or one read from a Secret) is left to vLLM to refuse."""
+    for var in env:
+        if var.name == "VLLM_PP_LAYER_PARTITION" and var.value:
+            parts = [part.strip() for part in var.value.split(",")]
+            if all(part.isdigit() and int(part) > 0 for part in parts):
+                return tuple(int(part) for part in parts)
+    return None
 
 
 def _explicit(value: int | str) -> int | None:

@@ -28,6 +28,7 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert parsed.engine.gpu_memory_utilization == 0.9
     assert parsed.planning.target_sequences == 4
     assert parsed.hf_token_secret_ref is None
+    assert parsed.engine.distributed_executor == "mp"
 
 
 def test_default_image_is_pinned() -> None:
@@ -54,6 +55,7 @@ def test_full_camel_case_spec_parses() -> None:
             "gpuMemoryUtilization": 0.85,
             "maxNumBatchedTokens": 4096,
             "enforceEager": True,
+            "distributedExecutor": "ray",
             "args": ["--enable-prefix-caching"],
             "env": [
                 {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
@@ -71,6 +73,7 @@ def test_full_camel_case_spec_parses() -> None:
     parsed = LLMDeploymentSpec.model_validate(body)
     assert parsed.gpu.count == 2 and parsed.parallelism.tensor == 2
     assert parsed.engine.kv_cache_dtype == "fp8"
+    assert parsed.engine.distributed_executor == "ray"
     assert parsed.engine.env[1].value_from == {"secretKeyRef": {"name": "s", "key": "k"}}
     assert parsed.scheduling.tolerations[0].effect == "NoSchedule"
     assert parsed.hf_token_secret_ref is not None and parsed.hf_token_secret_ref.key == "token"
@@ -90,6 +93,7 @@ def test_full_camel_case_spec_parses() -> None:
         spec(engine={"quantization": "magic"}),
         spec(unknownField=True),
         spec(engine={"maxModelLen": 8}),
+        spec(engine={"distributedExecutor": "torchrun"}),
         {"model": {"uri": "hf://a/b", "extra": 1}},
         {},
     ],

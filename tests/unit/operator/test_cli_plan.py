@@ -78,6 +78,19 @@ def test_engine_flags_change_the_kv_estimate(flags: list[str], effect: str) -> N
     assert (after > before) if effect == "more" else (after < before)
 
 
+def test_a_model_larger_than_a_node_spans_two_pods() -> None:
+    result = plan("--model", "llama-3.1-405b", *H100, "--nodes", "2", "--max-model-len", "8192")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "tensor 8 x pipeline 2 = 2 pods per replica, one per node, each 8 NVIDIA-H100-80GB-HBM3" in out
+    # 126 layers split 63 + 63 as vLLM does; the stage with the output head binds.
+    assert "Stages:       layers 63 + 63; stage 1 binds" in out
+    assert "cannot hold one 8,192-token sequence" in out
+    body = json.loads(plan("--model", "llama-3.1-405b", *H100, "--nodes", "2", "--max-model-len", "8192",
+                           "--output", "json").stdout)
+    assert (body["podsPerReplica"], body["gpusPerPod"], body["pipelineParallelSize"]) == (2, 8, 2)
+
+
 def test_nothing_fits_exits_2_with_the_reason_on_stderr() -> None:
     result = plan("--model", "llama-3.1-405b", *L4, "--nodes", "1", "--max-model-len", "8192", "--output", "json")
     assert result.returncode == 2

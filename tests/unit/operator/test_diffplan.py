@@ -267,13 +267,18 @@ def test_impossible_spec_keeps_only_the_service_and_says_why() -> None:
     assert [o["kind"] for o in d.desired] == ["Service"]
 
 
-def test_replica_spanning_nodes_is_not_supported_yet() -> None:
-    d = decide(lld({"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"},
+def test_replica_spanning_nodes_is_a_group_per_replica_behind_a_leader_service() -> None:
+    d = decide(lld({"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"}, "replicas": 2,
                     "gpu": {"products": ["NVIDIA-H100-80GB-HBM3"]}, "engine": {"maxModelLen": 4096}}), NODES)
-    assert d.failure is not None
-    assert d.failure.reason == "MultiNodeNotYetSupported"
-    assert "nodes" in d.failure.message
-    assert [o["kind"] for o in d.desired] == ["Service"]
+    assert d.failure is None and d.placement.pods_per_replica == 2
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in d.desired) == [
+        ("Service", "m"), ("Service", "m-g0"), ("Service", "m-g1"), ("StatefulSet", "m-g0"), ("StatefulSet", "m-g1"),
+    ]
+    service = next(o for o in d.desired if o["kind"] == "Service" and o["metadata"]["name"] == "m")
+    assert service["spec"]["selector"] == {"argosy.dev/deployment": "m", "argosy.dev/role": "leader"}
+    sts = next(o for o in d.desired if o["kind"] == "StatefulSet")
+    assert sts["spec"]["replicas"] == 2
+    assert sts["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--distributed-executor-backend", "mp"]
 
 
 def test_invalid_spec_desires_nothing() -> None:

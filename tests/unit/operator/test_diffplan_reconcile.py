@@ -182,3 +182,74 @@ async def test_an_invalid_spec_leaves_the_serving_deployment_and_reports_its_pod
     by_type = {c["type"]: c for c in status["conditions"]}
     assert (by_type["Ready"]["status"], by_type["Ready"]["reason"]) == ("True", "ReplicasReady")
     assert "keep" in by_type["Progressing"]["message"] and "placement" not in status  # placement unchanged
+
+
+H100_PAIR = (_node("h100-0", "NVIDIA-H100-80GB-HBM3", 81559, 8), _node("h100-1", "NVIDIA-H100-80GB-HBM3", 81559, 8))
+BIG = {"model": {"uri": "hf://meta-llama/Llama-3.1-405B-Instruct"}, "engine": {"maxModelLen": 8192}}
+
+
+def _member(ordinal: int, *, restarts: int = 0, leader: bool = False) -> dict[str, Any]:
+    labels = {"argosy.dev/deployment": "m", "argosy.dev/group": "m-g0", "apps.kubernetes.io/pod-index": str(ordinal),
+              "argosy.dev/role": "leader" if leader else "worker", "controller-revision-hash": "m-g0-1"}
+    return {
+        "metadata": {"name": f"m-g0-{ordinal}", "uid": f"pod-{ordinal}", "labels": labels,
+                     "annotations": {"argosy.dev/served-model-names": '["m"]'} if leader else {},
+                     "creationTimestamp": "2025-12-31T23:00:00Z"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                   "containerStatuses": [{"name": "vllm", "restartCount": restarts}]},
+    }
+
+
+async def test_a_new_group_gets_its_statefulset_headless_service_and_leader_service() -> None:
+    api = FakeApi()
+    assert await reconcile(ctx(api), Observation(("ns", "m"), lld(BIG), H100_PAIR)) == Done()
+    applied = sorted(c[1] for c in api.of("PATCH") if not c[1].endswith("/status"))
+    assert applied == ["/api/v1/namespaces/ns/services/m", "/api/v1/namespaces/ns/services/m-g0",
+                       "/apis/apps/v1/namespaces/ns/statefulsets/m-g0"]
+    ((_, _, _, patch),) = api.of("PATCH", "/llmdeployments/m/status")
+    status = patch["status"]
+    assert status["placement"]["podsPerReplica"] == 2
+    assert status["selector"] == "argosy.dev/deployment=m,argosy.dev/role=leader"
+    assert status["groups"] == [{"name": "m-g0", "pods": 2, "readyPods": 0, "ready": False, "upToDate": False,
+                                 "restarts": 0}]
+    assert (status["replicas"], status["readyReplicas"]) == (0, 0)  # replicas count groups, none runs yet
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "ScalingUp")
+
+
+async def test_a_group_whose_worker_restarted_is_restarted_whole() -> None:
+    api = FakeApi()
+    first = await reconcile(ctx(api), Observation(("ns", "m"), lld(BIG), H100_PAIR))
+    assert first == Done()
+    children = tuple(c[3] for c in api.of("PATCH") if not c[1].endswith("/status"))
+    (status_patch,) = (c[3] for c in api.of("PATCH", "/llmdeployments/m/status"))
+    sts = next(c for c in children if c["kind"] == "StatefulSet")
+    sts = {**sts, "metadata": {**sts["metadata"], "generation": 1},
+           "status": {"observedGeneration": 1, "updateRevision": "m-g0-1"}}
+    observed = (*(c for c in children if c["kind"] != "StatefulSet"), sts)
+    pods = (_member(0, leader=True), _member(1, restarts=1))
+    api.calls.clear()
+    body = lld(BIG, status=status_patch["status"])
+    result = await reconcile(ctx(api), Observation(("ns", "m"), body, H100_PAIR, observed, pods))
+    assert result == Done()
+    deletes = sorted((c[1], c[3]["preconditions"]["uid"]) for c in api.of("DELETE"))
+    assert deletes == [("/api/v1/namespaces/ns/pods/m-g0-0", "pod-0"), ("/api/v1/namespaces/ns/pods/m-g0-1", "pod-1")]
+    events = [c[3] for c in api.of("POST", "/events")]
+    assert any(e["reason"] == "GroupRestarted" and "pod m-g0-1 restarted" in e["message"] for e in events)
+    (patch,) = (c[3] for c in api.of("PATCH", "/llmdeployments/m/status"))
+    (group,) = patch["status"]["groups"]
+    assert group["restarts"] == 1 and group["lastRestart"]["reason"] == "MemberRestarted"
+    degraded = next(c for c in patch["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "GroupRestarted")
+
+
+async def test_an_unlabelled_leader_gets_the_leader_role_and_the_served_names() -> None:
+    api = FakeApi()
+    await reconcile(ctx(api), Observation(("ns", "m"), lld(BIG), H100_PAIR))
+    api.calls.clear()
+    pods = (_member(0), _member(1))
+    await reconcile(ctx(api), Observation(("ns", "m"), lld(BIG), H100_PAIR, (), pods))
+    ((_, path, _, body),) = [c for c in api.of("PATCH") if "/pods/" in c[1]]
+    assert path == "/api/v1/namespaces/ns/pods/m-g0-0"
+    assert body == {"metadata": {"labels": {"argosy.dev/role": "leader"},
+                                 "annotations": {"argosy.dev/served-model-names": '["m"]'}}}

@@ -6,7 +6,7 @@ comments where the answer is not obvious).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 from argosy_operator.planner import (
@@ -14,9 +14,11 @@ from argosy_operator.planner import (
     GpuPool,
     PlacementError,
     PlanRequest,
+    estimate,
     find_shipped,
     plan,
 )
+from argosy_operator.planner.memory import stage_layers
 
 L4_1 = GpuPool("NVIDIA-L4", 23034, gpus_per_node=1, nodes=4)
 L4_4 = GpuPool("NVIDIA-L4", 23034, gpus_per_node=4, nodes=2)
@@ -115,6 +117,16 @@ CASES = [
     ),
     # Llama 3.1 70B bf16 (131 GiB): TP2 on H100 holds ~1.9 sequences of 8k, TP4 meets the target.
     Case("llama-70b-H100", "llama-3.1-70b", [H100], LEN_8K, tp=4, product="NVIDIA-H100-80GB-HBM3"),
+    # The reason names what was given and what chosen (issue 9: it used to say "Explicit parallelism").
+    Case(
+        "llama-70b-H100-pipeline-1-given",
+        "llama-3.1-70b",
+        [H100],
+        LEN_8K,
+        pipeline=1,
+        tp=4,
+        message_has=("Given pipeline 1; chose tensor 4 on 4 x NVIDIA-H100-80GB-HBM3: the fewest GPUs", "target of 4"),
+    ),
     Case("llama-70b-H100-target-1", "llama-3.1-70b", [H100], LEN_8K, target=1, tp=2),
     Case("llama-70b-A100-80", "llama-3.1-70b", [A100_80], LEN_8K, tp=4),
     Case("llama-70b-A100-40", "llama-3.1-70b", [A100_40], LEN_8K, tp=8),
@@ -136,8 +148,57 @@ CASES = [
         tp=2,
     ),
     # Llama 3.1 405B bf16 (756 GiB) needs more than one 8 x H100 node: tensor 8 x pipeline 2.
-    Case("llama-405b-two-H100-nodes", "llama-3.1-405b", [H100], LEN_8K, tp=8, pp=2, pods=2, gpus_per_pod=8),
-    Case("llama-405b-H200-node", "llama-3.1-405b", [H200], LEN_8K, tp=8, product="NVIDIA-H200"),
+    Case(
+        "llama-405b-two-H100-nodes",
+        "llama-3.1-405b",
+        [H100],
+        LEN_8K,
+        tp=8,
+        pp=2,
+        pods=2,
+        gpus_per_pod=8,
+        message_has=(
+            "Chose tensor 8 x pipeline 2 on 2 nodes x 8 NVIDIA-H100-80GB-HBM3, 2 pods per replica",
+            "one node of 8 x NVIDIA-H100-80GB-HBM3 cannot hold one 8,192-token sequence",
+            "one stage per node",
+            "meeting the target of 4",
+        ),
+    ),
+    # An explicit pipeline with tensor = the GPUs of a node is a group of two pods, also for a small model.
+    Case(
+        "explicit-tensor-8-pipeline-2-spans-nodes",
+        "llama-3.1-70b",
+        [H100],
+        LEN_8K,
+        tensor=8,
+        pipeline=2,
+        tp=8,
+        pp=2,
+        pods=2,
+        gpus_per_pod=8,
+        message_has=("Given tensor 8 and pipeline 2 (spec) on 2 nodes x 8 NVIDIA-H100-80GB-HBM3, 2 pods per replica",),
+    ),
+    Case(
+        "explicit-pipeline-2-tensor-auto-on-single-gpu-nodes",
+        "llama-3.1-8b",
+        [L4_1],
+        LEN_8K,
+        pipeline=2,
+        tp=1,
+        pp=2,
+        pods=2,
+        gpus_per_pod=1,
+        message_has=("Given pipeline 2; chose tensor 1", "the given values need 2 nodes"),
+    ),
+    Case(
+        "llama-405b-H200-node",
+        "llama-3.1-405b",
+        [H200],
+        LEN_8K,
+        tp=8,
+        product="NVIDIA-H200",
+        message_has=("Chose tensor 8 x pipeline 1 on 8 x NVIDIA-H200: the fewest GPUs whose KV cache holds",),
+    ),
     Case("llama-405b-fp8-one-H100-node", "llama-3.1-405b", [H100_ONE_NODE], {**LEN_8K, "quantization": "fp8"}, tp=8),
     # DeepSeek-V3 (fp8 checkpoint, 627 GiB): one H200 node; two H100 nodes.
     Case("deepseek-v3-H200", "deepseek-v3", [H200], {"max_model_len": 32768}, tp=8),
@@ -160,8 +221,29 @@ CASES = [
     # Gemma 2 9B does not fit one L4 at all; 1-GPU nodes need a pipeline of two.
     Case("gemma-2-9b-L4-pipeline", "gemma-2-9b", [L4_1], LEN_8K, tp=1, pp=2, pods=2, gpus_per_pod=1),
     Case("gemma-2-27b-A100-80", "gemma-2-27b", [A100_80], LEN_8K, tp=1),
-    # Phi-4 has 10 KV heads: tensor 4 is invalid in vLLM, so a 4-GPU L4 node stops at tensor 2.
-    Case("phi-4-L4-kv-heads-cap-tensor", "phi-4", [L4_4], {"max_model_len": 16384}, tp=2, meets_target=False),
+    # Phi-4 has 10 KV heads: tensor 4 is invalid in vLLM, so tensor 2 alone (below the target) cannot use
+    # the 4-GPU L4 node; two pipeline stages of tensor 2 on the same node can.
+    Case(
+        "phi-4-L4-kv-heads-pipeline-within-node",
+        "phi-4",
+        [L4_4],
+        {"max_model_len": 16384},
+        tp=2,
+        pp=2,
+        pods=1,
+        gpus_per_pod=4,
+        message_has=("(one node): tensor 4 neither divides nor is a multiple of the 10 KV heads", "meeting the target"),
+    ),
+    Case(
+        "phi-4-L4-explicit-pipeline-1-stops-at-tensor-2",
+        "phi-4",
+        [L4_4],
+        {"max_model_len": 16384},
+        pipeline=1,
+        tp=2,
+        meets_target=False,
+        message_has=("Given pipeline 1; chose tensor 2", "below the target of 4: the node is used up"),
+    ),
     Case("qwen2.5-7b-L4-32k", "qwen2.5-7b", [L4_1], {}, tp=1, meets_target=False),
     Case("qwen2.5-14b-L40S", "qwen2.5-14b", [L40S_4], {}, tp=2),
     # 61 GiB of weights leave one H100 room for ~27k tokens (256 KiB each): not one 32k sequence.
@@ -173,7 +255,15 @@ CASES = [
     Case("mistral-7b-L4", "mistral-7b", [L4_4], LEN_8K, tp=1, meets_target=True, target=2),
     Case("phi-3-medium-L40S", "phi-3-medium", [L40S_4], {}, tp=1),
     # Explicit values win.
-    Case("explicit-tensor-2", "llama-3.1-8b", [H100], LEN_8K, tensor=2, tp=2, message_has=("Explicit parallelism",)),
+    Case(
+        "explicit-tensor-2",
+        "llama-3.1-8b",
+        [H100],
+        LEN_8K,
+        tensor=2,
+        tp=2,
+        message_has=("Given tensor 2; chose pipeline 1 on 2 x NVIDIA-H100-80GB-HBM3",),
+    ),
     Case("explicit-gpu-count-4", "llama-3.1-8b", [H100], LEN_8K, gpu_count=4, tp=4),
     Case("explicit-pipeline-2", "llama-3.1-8b", [H100], LEN_8K, pipeline=2, tp=1, pp=2, gpus_per_pod=2),
     Case(
@@ -240,13 +330,16 @@ CASES = [
         error="InsufficientGpuMemory",
         message_has=("quantization fp8 on 8 x NVIDIA-H100-80GB-HBM3",),
     ),
+    # fp8 (67.7 GiB) over four 1-GPU L4 nodes would be 16.9 GiB per GPU if split evenly, but the first
+    # stage also holds the 2 GiB bf16 embeddings and the last the output head: neither stage fits, so
+    # the hint is AWQ.
     Case(
-        "70b-on-single-L4s-suggests-fp8",
+        "70b-on-single-L4s-suggests-awq",
         "llama-3.1-70b",
         [L4_1],
         LEN_8K,
         error="InsufficientGpuMemory",
-        message_has=("quantization fp8",),
+        message_has=("with quantization awq on 3 nodes x 1 NVIDIA-L4",),
     ),
     Case(
         "8b-128k-one-L4-suggests-shorter-len",
@@ -368,3 +461,48 @@ def test_to_status_has_exactly_the_nine_keys() -> None:
     ]
     assert status["tensorParallelSize"] == 1 and status["gpuProduct"] == "NVIDIA-H100-80GB-HBM3"
     assert isinstance(status["kvCacheTokens"], int) and status["kvCacheTokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("layers", "pipeline", "split"),
+    [
+        # vllm.distributed.utils.get_pp_indices: the remainder goes to the stages before the last.
+        (126, 2, (63, 63)),
+        (61, 2, (31, 30)),
+        (22, 4, (5, 6, 6, 5)),
+        (5, 3, (2, 2, 1)),
+        (4, 3, (1, 2, 1)),
+        (3, 2, (2, 1)),
+        (61, 4, (15, 15, 16, 15)),
+    ],
+)
+def test_layers_split_across_stages_as_vllm_splits_them(layers: int, pipeline: int, split: tuple[int, ...]) -> None:
+    assert stage_layers(layers, pipeline) == split
+
+
+def test_the_stage_with_the_most_layers_binds_the_kv_cache() -> None:
+    facts = find_shipped("deepseek-v3").facts  # 61 layers: 31 on stage 0 (with the embeddings), 30 on stage 1
+    settings = EngineSettings(max_model_len=32768)
+    memory = estimate(facts, settings, product=H100.product, memory_mib=H100.memory_mib, tensor=8, pipeline=2)
+    assert memory.stage_layers == (31, 30) and memory.binding_stage == 0
+    # A partition that moves layers to stage 1 makes stage 1 bind, with a smaller cache than an even split.
+    skewed = estimate(
+        facts,
+        replace(settings, pp_layer_partition=(21, 40)),
+        product=H100.product,
+        memory_mib=H100.memory_mib,
+        tensor=8,
+        pipeline=2,
+    )
+    assert skewed.binding_stage == 1 and skewed.kv_cache_tokens < memory.kv_cache_tokens
+    placement = plan(PlanRequest("deepseek-v3", facts, settings, tensor=8, pipeline=2), [H100])
+    assert placement.kv_cache_tokens == memory.kv_cache_tokens
+
+
+def test_a_layer_partition_in_engine_env_is_checked_and_fixes_the_pipeline() -> None:
+    facts = find_shipped("llama-3.1-8b").facts
+    good = PlanRequest("llama-3.1-8b", facts, EngineSettings(max_model_len=8192, pp_layer_partition=(16, 16)))
+    assert plan(good, [H100]).pipeline_parallel_size == 2
+    bad = PlanRequest("llama-3.1-8b", facts, EngineSettings(max_model_len=8192, pp_layer_partition=(10, 10)))
+    with pytest.raises(PlacementError, match="adding up to the 32 layers"):
+        plan(bad, [H100])

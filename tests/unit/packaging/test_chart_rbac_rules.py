@@ -77,10 +77,15 @@ def test_operator_writes_only_its_children_status_and_events(render):
         ("argosy.dev", "llmdeployments/status"),
         ("argosy.dev", "llmdeployments/scale"),
         ("apps", "deployments"),
+        ("apps", "statefulsets"),  # replicas that span nodes
         ("", "services"),
         ("", "configmaps"),  # inline chat templates; a referenced one is only read
         ("", "events"),
+        ("", "pods"),  # a group's leader label, and restarting a group whose member failed
     }
+    pod_verbs = {verb for _, rule in _rules(render(), "operator") if "pods" in rule["resources"]
+                 for verb in rule["verbs"]}
+    assert pod_verbs & WRITE_VERBS == {"patch", "delete"}  # never create: pods come from their controllers
 
 
 def test_secrets_are_readable_by_the_operator_only_when_opted_in(render):

@@ -51,6 +51,13 @@ REPORTED = (
     "tokenizer_revision",
     "chat_template",
     "override_generation_config",
+    # Replicas that span nodes (group_builders.py).
+    "distributed_executor_backend",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "headless",
 )
 
 
