@@ -15,15 +15,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from argosy_operator.diffplan import ApplyReason, ApplyStep, ChildPlan, controller_uid
-from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
+from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.settings import API_VERSION, FIELD_MANAGER, KIND
 from argosy_operator.status import EventSpec
 
 logger = logging.getLogger(__name__)
 
-APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is valid YAML
-MERGE_CONTENT_TYPE = "application/merge-patch+json"
 EVENT_MESSAGE_LIMIT = 1024
 
 
@@ -37,13 +35,7 @@ class ExecuteResult:
 
 async def _get(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any] | None:
     meta = body["metadata"]
-    try:
-        return await api.request("GET", resource_path(body["apiVersion"], body["kind"],
-                                                      meta["namespace"], meta["name"]))
-    except ApiError as e:
-        if e.status == 404:
-            return None
-        raise
+    return await api.get(body["apiVersion"], body["kind"], meta["namespace"], meta["name"])
 
 
 async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, Any] | None:
@@ -52,15 +44,8 @@ async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, 
     return await _get(api, ref)
 
 
-async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any]:
-    meta = body["metadata"]
-    return await api.request(
-        "PATCH",
-        resource_path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]),
-        params={"fieldManager": FIELD_MANAGER, "force": "true"},
-        body=body,
-        content_type=APPLY_CONTENT_TYPE,
-    )
+async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> None:
+    await api.apply(body, force=True)
 
 
 async def _apply_step(api: KubeApi, owner_uid: str, step: ApplyStep) -> str | None:
@@ -101,15 +86,8 @@ async def execute_plan(
                 metrics.child_writes.labels(step.ref.kind, step.reason.value).inc()
     try:
         for delete in plan.delete:
-            try:
-                await api.request(
-                    "DELETE",
-                    resource_path(delete.api_version, delete.ref.kind, namespace, delete.ref.name),
-                    body={"preconditions": {"uid": delete.uid}, "propagationPolicy": "Background"},
-                )
-            except ApiError as e:
-                if e.status not in (404, 409):
-                    raise
+            # A UID precondition: a same-named object created since we looked is left alone.
+            await api.delete(delete.api_version, delete.ref.kind, namespace, delete.ref.name, uid=delete.uid)
             result.written.append(f"deleted {delete.ref.kind}/{delete.ref.name}")
             if metrics is not None:
                 metrics.child_writes.labels(delete.ref.kind, "deleted").inc()
@@ -125,12 +103,7 @@ async def execute_plan(
 async def write_status(api: KubeApi, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
     """Merge-patch the status subresource; False when the LLMDeployment is gone."""
     try:
-        await api.request(
-            "PATCH",
-            resource_path(API_VERSION, KIND, namespace, name, subresource="status"),
-            body=patch,
-            content_type=MERGE_CONTENT_TYPE,
-        )
+        await api.patch_status(API_VERSION, KIND, namespace, name, patch)
     except ApiError as e:
         if e.status == 404:
             return False
@@ -169,7 +142,7 @@ async def _post_event(api: KubeApi, owner: Mapping[str, Any], event: EventSpec, 
         "count": 1,
     }
     try:
-        await api.request("POST", resource_path("v1", "Event", meta["namespace"]), body=body)
+        await api.create(body)
     except (ApiError, OSError) as e:
         logger.warning("could not record event %s on %s/%s: %s", event.reason,
                        meta["namespace"], meta["name"], e)

@@ -82,12 +82,11 @@ def metric(text: str, name: str) -> float:
 async def create_all(api: KubeApi, namespace: str, count: int, replicas: int) -> dict[str, float]:
     created: dict[str, float] = {}
     gate = asyncio.Semaphore(16)
-    path = f"/apis/argosy.dev/v1alpha1/namespaces/{namespace}/llmdeployments"
 
     async def one(i: int) -> None:
         async with gate:
             obj = body(namespace, i, replicas)
-            await api.request("POST", path, body=obj)
+            await api.create(obj)
             created[obj["metadata"]["name"]] = time.monotonic()
 
     await asyncio.gather(*(one(i) for i in range(count)))
@@ -101,12 +100,12 @@ async def poll_reconciled(
     deadline = time.monotonic() + limit
     while len(done) < len(created) and time.monotonic() < deadline:
         llds, deploys = await asyncio.gather(
-            api.request("GET", f"/apis/argosy.dev/v1alpha1/namespaces/{namespace}/llmdeployments"),
-            api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments"),
+            api.list("argosy.dev/v1alpha1", "LLMDeployment", namespace),
+            api.list("apps/v1", "Deployment", namespace),
         )
         now = time.monotonic()
-        present = {d["metadata"]["name"] for d in deploys.get("items", [])}
-        for item in llds.get("items", []):
+        present = {d["metadata"]["name"] for d in deploys}
+        for item in llds:
             name = item["metadata"]["name"]
             current = (item.get("status") or {}).get("observedGeneration") == item["metadata"].get("generation")
             if name in created and name not in done and current and name in present:

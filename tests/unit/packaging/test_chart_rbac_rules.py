@@ -38,7 +38,8 @@ def test_nodes_are_read_only_and_the_only_cluster_scope_when_namespaced(render):
     assert [r["metadata"]["name"] for r in cluster_roles] == ["argosy-operator-nodes"]
     assert cluster_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
     roles = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "Role"}
-    assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")}
+    assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")} | {
+        ("argosy-system", "argosy-operator-leader-election")}
     bindings = [o for o in objects if o["kind"] == "RoleBinding"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -66,7 +67,18 @@ def test_operator_writes_only_its_children_status_and_events(render):
         ("", "services"),
         ("", "configmaps"),  # inline chat templates; a referenced one is only read
         ("", "events"),
+        ("coordination.k8s.io", "leases"),
     }
+
+
+def test_the_operator_renews_only_its_own_lease_in_the_release_namespace(render):
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        lease_rules = [(where, rule) for where, rule in _rules(render(values), "operator")
+                       if "leases" in rule["resources"]]
+        assert {where for where, _ in lease_rules} == {"Role/argosy-system/argosy-operator-leader-election"}
+        by_verbs = {tuple(rule["verbs"]): rule.get("resourceNames") for _, rule in lease_rules}
+        # create cannot name an object that does not exist yet; everything else is limited to one Lease.
+        assert by_verbs == {("create",): None, ("get", "update"): ["argosy-operator"]}
 
 
 def test_secrets_are_readable_by_the_operator_only_when_opted_in(render):
