@@ -51,12 +51,23 @@ async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> None:
 async def _apply_step(api: KubeApi, owner_uid: str, step: ApplyStep) -> str | None:
     """Apply one child; returns a conflict message instead when the name is taken."""
     if step.reason is ApplyReason.MISSING:
-        # Not in our cache, so not labelled as ours: an object with this name that
-        # someone else created must not be taken over by a forced apply.
-        live = await _get(api, step.body)
-        if live is not None and controller_uid(live) != owner_uid:
-            return (f"{step.ref.kind} {step.ref.name} already exists and is not owned by this "
-                    "LLMDeployment; rename or delete it")
+        # Not in our cache, so not labelled as ours, and an object of this name that someone
+        # else created must not be taken over. The first apply is therefore not forced: it
+        # creates a new object in one call, and fails on one held by another field manager
+        # with different values (409) or by another controller (422: one controller only).
+        try:
+            await api.apply(step.body, force=False)
+            return None
+        except ApiError as e:
+            if e.status not in (409, 422):
+                raise
+            live = await _get(api, step.body)
+            if live is None:
+                raise
+            if controller_uid(live) != owner_uid:
+                return (f"{step.ref.kind} {step.ref.name} already exists and is not owned by this "
+                        "LLMDeployment; rename or delete it")
+            # Ours (the cache lags behind, or someone changed a field we own): take it back.
     await server_side_apply(api, step.body)
     return None
 
@@ -67,7 +78,7 @@ async def execute_plan(
     """Carry out the child plan; API failures are reported in the result, not raised.
 
     The children are independent, so they are written concurrently: one pass costs one
-    round trip (two for a child missing from the cache), not one per child.
+    round trip, not one per child.
     """
     result = ExecuteResult(conflicts=[c.message for c in plan.conflicts])
     outcomes = await asyncio.gather(*(_apply_step(api, owner_uid, s) for s in plan.apply),

@@ -36,19 +36,27 @@ class FakeApi:
     applied; applies can be made to fail with a Kubernetes Status.
     """
 
-    def __init__(self, fail_apply: ApiError | None = None) -> None:
+    def __init__(self, fail_apply: ApiError | None = None,
+                 existing: dict[str, dict[str, Any]] | None = None) -> None:
         self.calls: list[tuple[str, str, dict[str, Any] | None, Any]] = []
         self.fail_apply = fail_apply
+        self.existing = existing or {}  # path -> object someone else created
         config = KubeConfig.from_one(cluster=Cluster(server="http://127.0.0.1:6443"), user=User(token="t")).get()
         self.kube = KubeApi(config, transport=httpx2.MockTransport(self._serve))
 
     def _serve(self, request: httpx2.Request) -> httpx2.Response:
         body = json.loads(request.content) if request.content else None
         self.calls.append((request.method, request.url.path, dict(request.url.params) or None, body))
+        path = request.url.path
         if request.method == "GET":
+            if path in self.existing:
+                return httpx2.Response(200, json=self.existing[path])
             return _status(ApiError(404, "NotFound", "not found"))
-        if request.headers.get("content-type") == "application/apply-patch+yaml" and self.fail_apply:
+        applying = request.headers.get("content-type") == "application/apply-patch+yaml"
+        if applying and self.fail_apply:
             return _status(self.fail_apply)
+        if applying and path in self.existing and request.url.params.get("force") != "true":
+            return _status(ApiError(409, "Conflict", 'Apply failed with 1 conflict: conflict with "kubectl"'))
         return httpx2.Response(201 if request.method == "POST" else 200, json=body or {})
 
     def of(self, method: str, suffix: str = "") -> list[tuple[str, str, dict[str, Any] | None, Any]]:
@@ -84,9 +92,9 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
     applies = [c for c in api.of("PATCH") if not c[1].endswith("/status")]
     assert sorted(c[1] for c in applies) == ["/api/v1/namespaces/ns/services/m",
                                              "/apis/apps/v1/namespaces/ns/deployments/m"]
-    assert all(c[2] == {"fieldManager": "argosy-operator", "force": "true"} for c in applies)
-    # Missing from the cache: ownership is checked before a forced apply.
-    assert len(api.of("GET")) == 2
+    # Missing from the cache: the first apply is not forced (it creates, and cannot take over), one call each.
+    assert all(c[2] == {"fieldManager": "argosy-operator"} for c in applies)
+    assert not api.of("GET")
     ((_, _, _, patch),) = api.of("PATCH", "/llmdeployments/m/status")
     status = patch["status"]
     assert status["observedGeneration"] == 1
@@ -94,6 +102,19 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
     conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
     assert conditions["Progressing"] == ("True", "Creating")
     assert conditions["PlacementFound"] == ("True", "Placed")
+
+
+async def test_a_same_named_object_someone_else_made_is_reported_not_taken_over() -> None:
+    other = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "other", "uid": "someone-else", "controller": True}
+    foreign = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "m", "namespace": "ns", "ownerReferences": [other]}}
+    api = FakeApi(existing={"/api/v1/namespaces/ns/services/m": foreign})
+    outcome = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert isinstance(outcome, Retry) and "Service m already exists and is not owned" in outcome.reason
+    service_applies = api.of("PATCH", "/services/m")
+    assert [c[2] for c in service_applies] == [{"fieldManager": "argosy-operator"}]  # never forced
+    assert api.of("GET", "/services/m")  # looked, after the refused apply, to say whose it is
+    assert api.of("PATCH", "/deployments/m")  # the other child is not held up
 
 
 async def test_a_pass_before_the_cache_catches_up_does_not_repeat_status_or_events() -> None:
