@@ -84,8 +84,8 @@ fuzz-gateway: venv ## fuzz the gateway with FUZZ_REQUESTS generated requests (ma
 bench-routing: bench-peers ## routing quality: round robin, least outstanding, prefix affinity, vllm-router cache_aware (docs/benchmarks.md); BENCH_ARGS=--quick
 	@$(PY) tests/bench/bench_routing.py $(BENCH_ARGS)
 
-bench-operator: sandbox-build ## 200 LLMDeployments through the operator
-	@$(PY) tests/bench/bench_operator_scale.py
+bench-operator: sandbox-build ## 100, 500 and 1,000 LLMDeployments on 200 simulated GPU nodes (docs/benchmarks.md); BENCH_ARGS=--counts 100
+	@$(PY) tests/bench/bench_operator_scale.py $(BENCH_ARGS)
 
 demo: sandbox-build ## sandbox + helm install (the chart's pods run) + two models, one on real vLLM + a streamed answer through the gateway pod
 	@$(PY) -m argosy_sandbox.demo
