@@ -1,3 +1,3 @@
-"""Fixtures the operator's e2e files share: the CRD applied to the sandbox, and the Cluster helper."""
+"""The Cluster fixture the operator's e2e files share (the CRD fixture is in tests/conftest.py)."""
 
-from test_operator import cluster, crd  # noqa: F401
+from test_operator import cluster  # noqa: F401

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argosy_operator import crd as crdgen
 from argosy_sandbox.cluster import Sandbox
 from argosy_sandbox.pools import GpuSpec, NodePool
-from test_operator import CRD_FILE, Cluster, Operator, container_of, wait_for
+from test_operator import Cluster, Operator, container_of, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -127,11 +128,13 @@ def test_the_standby_takes_over_a_killed_leader_mid_rollout(
 @pytest.fixture
 def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     pools = (NodePool("h100", 2, cpu="192", memory="2Ti", gpu=GpuSpec("NVIDIA-H100-80GB-HBM3", 81559, 8)),)
-    other = Sandbox(state=tmp_path_factory.mktemp("apiserver-restart") / "sandbox", pools=pools,
-                    report=lambda message: None)
+    state = tmp_path_factory.mktemp("apiserver-restart")
+    other = Sandbox(state=state / "sandbox", pools=pools, report=lambda message: None)
+    crd_file = state / "crd.yaml"
+    crd_file.write_text(crdgen.render_manifest())
     try:
         other.up()
-        other.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+        other.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_file))
         other.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
         yield other
     finally:
@@ -142,6 +145,8 @@ def test_every_model_converges_after_the_api_server_restarts_mid_rollout(
         own_sandbox: Sandbox, tmp_path: Path) -> None:
     namespace = "restart"
     own_sandbox.kubectl("create", "namespace", namespace)
+    # Pods are counted, not served: the sandbox's pod runner marks them Ready without a process.
+    own_sandbox.kubectl("label", "namespace", namespace, "sandbox.argosy.dev/vllm=none")
     cluster = Cluster(own_sandbox, namespace)
     # Leader election on, so the Lease's renewal through the outage is exercised as well.
     operator = elected(own_sandbox.kubeconfig, namespace, tmp_path, "op-only")
