@@ -46,6 +46,7 @@ STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/buil
 	operator/argosy_operator/group_builders.py operator/argosy_operator/groups.py operator/argosy_operator/programs \
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
+	operator/argosy_operator/lease.py \
 	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \
 	gateway/argosy_gateway/responsestore.py gateway/argosy_gateway/ratelimit.py gateway/argosy_gateway/discovery/cluster.py \
 	tests/testkit/argosy_sandbox/kubelet_plan.py operator/argosy_operator/autoscaler.py
@@ -84,8 +85,8 @@ fuzz-gateway: venv ## fuzz the gateway with FUZZ_REQUESTS generated requests (ma
 bench-routing: bench-peers ## routing quality: round robin, least outstanding, prefix affinity, vllm-router cache_aware (docs/benchmarks.md); BENCH_ARGS=--quick
 	@$(PY) tests/bench/bench_routing.py $(BENCH_ARGS)
 
-bench-operator: sandbox-build ## 200 LLMDeployments through the operator
-	@$(PY) tests/bench/bench_operator_scale.py
+bench-operator: sandbox-build ## 100, 500 and 1,000 LLMDeployments on 200 simulated GPU nodes (docs/benchmarks.md); BENCH_ARGS=--counts 100
+	@$(PY) tests/bench/bench_operator_scale.py $(BENCH_ARGS)
 
 demo: sandbox-build ## sandbox + helm install (the chart's pods run) + two models, one on real vLLM + a streamed answer through the gateway pod
 	@$(PY) -m argosy_sandbox.demo

@@ -16,15 +16,13 @@ from typing import Any
 
 from argosy_operator.diffplan import ApplyReason, ApplyStep, ChildPlan, controller_uid
 from argosy_operator.groups import GroupPlan
-from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
+from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.settings import API_VERSION, FIELD_MANAGER, KIND
 from argosy_operator.status import EventSpec
 
 logger = logging.getLogger(__name__)
 
-APPLY_CONTENT_TYPE = "application/apply-patch+yaml"  # JSON is valid YAML
-MERGE_CONTENT_TYPE = "application/merge-patch+json"
 EVENT_MESSAGE_LIMIT = 1024
 
 
@@ -38,13 +36,7 @@ class ExecuteResult:
 
 async def _get(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any] | None:
     meta = body["metadata"]
-    try:
-        return await api.request("GET", resource_path(body["apiVersion"], body["kind"],
-                                                      meta["namespace"], meta["name"]))
-    except ApiError as e:
-        if e.status == 404:
-            return None
-        raise
+    return await api.get(body["apiVersion"], body["kind"], meta["namespace"], meta["name"])
 
 
 async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, Any] | None:
@@ -53,26 +45,30 @@ async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, 
     return await _get(api, ref)
 
 
-async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> dict[str, Any]:
-    meta = body["metadata"]
-    return await api.request(
-        "PATCH",
-        resource_path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]),
-        params={"fieldManager": FIELD_MANAGER, "force": "true"},
-        body=body,
-        content_type=APPLY_CONTENT_TYPE,
-    )
+async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> None:
+    await api.apply(body, force=True)
 
 
 async def _apply_step(api: KubeApi, owner_uid: str, step: ApplyStep) -> str | None:
     """Apply one child; returns a conflict message instead when the name is taken."""
     if step.reason is ApplyReason.MISSING:
-        # Not in our cache, so not labelled as ours: an object with this name that
-        # someone else created must not be taken over by a forced apply.
-        live = await _get(api, step.body)
-        if live is not None and controller_uid(live) != owner_uid:
-            return (f"{step.ref.kind} {step.ref.name} already exists and is not owned by this "
-                    "LLMDeployment; rename or delete it")
+        # Not in our cache, so not labelled as ours, and an object of this name that someone
+        # else created must not be taken over. The first apply is therefore not forced: it
+        # creates a new object in one call, and fails on one held by another field manager
+        # with different values (409) or by another controller (422: one controller only).
+        try:
+            await api.apply(step.body, force=False)
+            return None
+        except ApiError as e:
+            if e.status not in (409, 422):
+                raise
+            live = await _get(api, step.body)
+            if live is None:
+                raise
+            if controller_uid(live) != owner_uid:
+                return (f"{step.ref.kind} {step.ref.name} already exists and is not owned by this "
+                        "LLMDeployment; rename or delete it")
+            # Ours (the cache lags behind, or someone changed a field we own): take it back.
     await server_side_apply(api, step.body)
     return None
 
@@ -83,7 +79,7 @@ async def execute_plan(
     """Carry out the child plan; API failures are reported in the result, not raised.
 
     The children are independent, so they are written concurrently: one pass costs one
-    round trip (two for a child missing from the cache), not one per child.
+    round trip, not one per child.
     """
     result = ExecuteResult(conflicts=[c.message for c in plan.conflicts])
     outcomes = await asyncio.gather(*(_apply_step(api, owner_uid, s) for s in plan.apply),
@@ -102,15 +98,8 @@ async def execute_plan(
                 metrics.child_writes.labels(step.ref.kind, step.reason.value).inc()
     try:
         for delete in plan.delete:
-            try:
-                await api.request(
-                    "DELETE",
-                    resource_path(delete.api_version, delete.ref.kind, namespace, delete.ref.name),
-                    body={"preconditions": {"uid": delete.uid}, "propagationPolicy": "Background"},
-                )
-            except ApiError as e:
-                if e.status not in (404, 409):
-                    raise
+            # A UID precondition: a same-named object created since we looked is left alone.
+            await api.delete(delete.api_version, delete.ref.kind, namespace, delete.ref.name, uid=delete.uid)
             result.written.append(f"deleted {delete.ref.kind}/{delete.ref.name}")
             if metrics is not None:
                 metrics.child_writes.labels(delete.ref.kind, "deleted").inc()
@@ -126,12 +115,7 @@ async def execute_plan(
 async def write_status(api: KubeApi, namespace: str, name: str, patch: Mapping[str, Any]) -> bool:
     """Merge-patch the status subresource; False when the LLMDeployment is gone."""
     try:
-        await api.request(
-            "PATCH",
-            resource_path(API_VERSION, KIND, namespace, name, subresource="status"),
-            body=patch,
-            content_type=MERGE_CONTENT_TYPE,
-        )
+        await api.patch_status(API_VERSION, KIND, namespace, name, patch)
     except ApiError as e:
         if e.status == 404:
             return False
@@ -170,7 +154,7 @@ async def _post_event(api: KubeApi, owner: Mapping[str, Any], event: EventSpec, 
         "count": 1,
     }
     try:
-        await api.request("POST", resource_path("v1", "Event", meta["namespace"]), body=body)
+        await api.create(body)
     except (ApiError, OSError) as e:
         logger.warning("could not record event %s on %s/%s: %s", event.reason,
                        meta["namespace"], meta["name"], e)
@@ -188,19 +172,15 @@ async def execute_groups(
     steps: list[tuple[str, Any]] = []
     for restart in plan.restarts:
         for pod, uid in restart.pods:
-            steps.append((f"restarted group {restart.group}: deleted Pod/{pod}", api.request(
-                "DELETE", resource_path("v1", "Pod", namespace, pod),
-                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
-            )))
+            steps.append((f"restarted group {restart.group}: deleted Pod/{pod}",
+                          api.delete("v1", "Pod", namespace, pod, uid=uid)))
     restarting = {pod for restart in plan.restarts for pod, _ in restart.pods}
     for pod in plan.leaders_to_label:
         if pod in restarting:
             continue
         # A merge patch, not an apply: it never creates a pod that has just gone away.
-        steps.append((f"labelled Pod/{pod} leader", api.request(
-            "PATCH", resource_path("v1", "Pod", namespace, pod),
-            body={"metadata": dict(leader_metadata)}, content_type=MERGE_CONTENT_TYPE,
-        )))
+        steps.append((f"labelled Pod/{pod} leader",
+                      api.patch_merge("v1", "Pod", namespace, pod, {"metadata": dict(leader_metadata)})))
     outcomes = await asyncio.gather(*(call for _, call in steps), return_exceptions=True)
     failures = []
     for (what, _), outcome in zip(steps, outcomes, strict=True):
@@ -209,7 +189,7 @@ async def execute_groups(
                 failures.append(outcome)
         elif isinstance(outcome, BaseException):
             raise outcome
-        else:
+        elif outcome is not False:  # False: the pod was gone or replaced already
             result.written.append(what)
     if failures:
         result.error = "restarting or labelling group pods failed: " + "; ".join(str(e) for e in failures)

@@ -209,7 +209,10 @@ class AutoscalingLoop:
         loop_settings: LoopSettings,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
+        self.is_leader = is_leader
+        """Only the operator replica holding the Lease scales (a standby looks at nothing)."""
         self.settings = settings
         self.loop_settings = loop_settings
         self._clock = clock
@@ -252,7 +255,8 @@ class AutoscalingLoop:
         while True:
             started = time.monotonic()
             try:
-                await self.look()
+                if self.is_leader():
+                    await self.look()
             except Exception:  # one bad look must not end autoscaling; the next one retries
                 log.exception("autoscaler look failed")
             elapsed = time.monotonic() - started
@@ -482,8 +486,9 @@ def parse_selector(selector: str | None) -> dict[str, str] | None:
     return labels
 
 
-def start_autoscaling(settings: OperatorSettings, registry: CollectorRegistry) -> AutoscalingLoop:
+def start_autoscaling(settings: OperatorSettings, registry: CollectorRegistry,
+                      is_leader: Callable[[], bool] = lambda: True) -> AutoscalingLoop:
     """The operator runtime's one hook: start the loop now; ``await loop.stop()`` on the way out."""
-    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry)
+    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry, is_leader=is_leader)
     loop.start()
     return loop

@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus metrics port (env ARGOSY_OPERATOR_METRICS_PORT; default 8080)",
     )
     run.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster or ~/.kube/config)")
+    run.add_argument(
+        "--leader-elect",
+        action="store_true",
+        default=None,
+        help="run as one of several replicas: reconcile only while holding a coordination.k8s.io Lease "
+        "(env ARGOSY_OPERATOR_LEADER_ELECTION=true; the chart turns it on)",
+    )
+    run.add_argument("--lease-name", default=None,
+                     help="the Lease's name (env ARGOSY_OPERATOR_LEASE_NAME; default argosy-operator)")
+    run.add_argument("--lease-namespace", default=None,
+                     help="the Lease's namespace (env POD_NAMESPACE; default: the credentials' namespace)")
     run.set_defaults(handler=_run)
 
     p = commands.add_parser(
@@ -149,13 +160,12 @@ def _load_model(args: argparse.Namespace) -> tuple[str, ModelFacts]:
 
 
 def _nodes_from_cluster(kubeconfig: str) -> list[dict[str, Any]]:
-    from kubernetes import client, config  # only for --kubeconfig
+    from lightkube import Client, KubeConfig  # only for --kubeconfig
+    from lightkube.resources.core_v1 import Node
 
-    config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    # Raw JSON, not the client's models: inventory_from_nodes reads Nodes as the API returns them.
-    response: Any = client.CoreV1Api().list_node(_preload_content=False)
-    items: list[dict[str, Any]] = json.loads(response.data)["items"]
-    return items
+    with Client(KubeConfig.from_file(kubeconfig)) as client:
+        # Plain dicts: inventory_from_nodes reads Nodes as the API returns them.
+        return [node.to_dict() for node in client.list(Node)]
 
 
 def _pools(args: argparse.Namespace) -> list[GpuPool]:

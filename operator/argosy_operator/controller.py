@@ -16,7 +16,8 @@ import kopf
 
 from argosy_operator import observe
 from argosy_operator.hubfacts import HubFacts
-from argosy_operator.kubeapi import Credentials, KubeApi
+from argosy_operator.kubeapi import Credentials, KubeApi, kopf_connection_info
+from argosy_operator.leader import LeaderElector, default_identity
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.reconcile import ReconcileContext, reconcile
 from argosy_operator.settings import OperatorSettings
@@ -70,25 +71,63 @@ class Runtime:
         self._indexes: dict[str, Mapping[Any, Any]] = {}
         self._node_views: dict[str, tuple[Any, ...]] = {}
         self._resync_handle: asyncio.TimerHandle | None = None
-        self._started = False
+        self._synced = False
+        self._stopping: asyncio.Task[None] | None = None
         self.ctx = ReconcileContext(api=self.api, metrics=metrics,
                                     hub=HubFacts(self.api, enabled=settings.hub_lookup,
                                                  endpoint=settings.hub_endpoint))
+        # Without leader election this process is the only operator and leads from the start;
+        # with it, it stands by (watching, never writing) until it holds the Lease.
+        self.elector: LeaderElector | None = None
+        self.leading = not settings.leader_election
+        if settings.leader_election:
+            self.elector = LeaderElector(
+                self.api,
+                namespace=settings.lease_namespace or credentials.namespace,
+                name=settings.lease_name,
+                identity=default_identity(),
+                on_started=self.start_leading,
+                on_stopped=self.stop_leading,
+            )
+        metrics.leader.set(1 if self.leading else 0)
+
+    def begin(self) -> None:
+        """Start campaigning for the Lease (a no-op without leader election); needs the event loop."""
+        if self.elector is not None:
+            self.elector.start()
+
+    # -- leadership ----------------------------------------------------------------
+
+    def start_leading(self) -> None:
+        self.leading = True
+        self.metrics.leader.set(1)
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.add_done_callback(lambda _: self._start_work())
+        else:
+            self._start_work()
+
+    def stop_leading(self) -> None:
+        """Stop every reconcile now (cancelling passes in flight) and write nothing more."""
+        self.leading = False
+        self.metrics.leader.set(0)
+        if self._resync_handle is not None:
+            self._resync_handle.cancel()
+            self._resync_handle = None
+        self._stopping = asyncio.create_task(self.queue.stop(), name="stop-reconciling")
+
+    def _start_work(self) -> None:
+        if not (self._synced and self.leading):
+            return
+        self.queue.start()
+        self._enqueue_all()  # a new leader owes every object a pass; the queue de-duplicates
+        if self._resync_handle is None:
+            self._resync_handle = asyncio.get_running_loop().call_later(
+                self.settings.resync_seconds, self._schedule_resync)
 
     # -- kopf side ---------------------------------------------------------------
 
     def connection_info(self) -> kopf.ConnectionInfo:
-        creds = self.credentials
-        token = creds.token()
-        return kopf.ConnectionInfo(
-            server=creds.server,
-            ca_path=creds.ca_path,
-            insecure=creds.insecure,
-            certificate_path=creds.certificate_path,
-            private_key_path=creds.private_key_path,
-            scheme="Bearer" if token else None,
-            token=token,
-        )
+        return kopf_connection_info(self.credentials)
 
     def attach_indexes(self, kwargs: Mapping[str, Any]) -> None:
         """Keep references to kopf's indexes (live mappings) and start working.
@@ -96,21 +135,22 @@ class Runtime:
         kopf calls resource handlers only after every index finished its initial
         listing, so the first call is the moment the caches are complete.
         """
-        if self._started:
+        if self._synced:
             return
         missing = [n for n in INDEX_NAMES if n not in kwargs]
         if missing:
             raise RuntimeError(f"kopf did not pass the indexes {missing}")
         self._indexes = {n: kwargs[n] for n in INDEX_NAMES}
-        self._started = True
-        self.queue.start()
-        self._schedule_resync(first=True)
-        logger.info("caches synced: %d LLMDeployments, %d GPU nodes; reconciling",
+        self._synced = True
+        logger.info("caches synced: %d LLMDeployments, %d GPU nodes; %s",
                     len(self._indexes["argosy_llmdeployments"]),
-                    len(tuple(self._indexes["argosy_gpu_nodes"].get(None, ()))))
+                    len(tuple(self._indexes["argosy_gpu_nodes"].get(None, ()))),
+                    "reconciling" if self.leading else "standing by until this replica holds the Lease")
+        self._start_work()
 
     def enqueue(self, key: observe.ObjectKey) -> None:
-        self.queue.add(key)
+        if self.leading:  # a standby queues nothing: start_leading enqueues every object
+            self.queue.add(key)
 
     def node_changed(self, node: Mapping[str, Any], *, deleted: bool) -> None:
         """GPU inventory changed (not just a heartbeat): every placement's capacity is checked again.
@@ -122,7 +162,7 @@ class Runtime:
         before = self._node_views.pop(name, None) if deleted else self._node_views.get(name)
         if view is not None:
             self._node_views[name] = view
-        if before != view and self._started:
+        if before != view and self._synced and self.leading:
             self._enqueue_all()  # the queue de-duplicates, so a burst of node events is cheap
 
     def _enqueue_all(self) -> None:
@@ -133,16 +173,19 @@ class Runtime:
         self.metrics.managed.set(len(keys))
         self.queue.resync(keys)
 
-    def _schedule_resync(self, first: bool = False) -> None:
-        if not first:
-            self._enqueue_all()
+    def _schedule_resync(self) -> None:
+        self._enqueue_all()
         loop = asyncio.get_running_loop()
         self._resync_handle = loop.call_later(self.settings.resync_seconds, self._schedule_resync)
 
     async def stop(self) -> None:
         if self._resync_handle is not None:
             self._resync_handle.cancel()
-        await self.queue.stop()
+        await self.queue.stop()  # no pass is running when the Lease is released
+        if self.elector is not None:
+            await self.elector.stop()
+        if self._stopping is not None:
+            await asyncio.gather(self._stopping, return_exceptions=True)
         await self.api.close()
 
     # -- the work ----------------------------------------------------------------

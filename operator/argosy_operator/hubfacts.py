@@ -18,7 +18,7 @@ import time
 
 from argosy_operator.api import LLMDeploymentSpec, ModelFacts, SecretKeyRef
 from argosy_operator.hubfetch import FACTS_FIELDS, HubError, fetch_config, unavailable
-from argosy_operator.kubeapi import ApiError, KubeApi, resource_path
+from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.planner import PlacementError, facts_from_hf_config, find_shipped
 from argosy_operator.planner.facts import hf_repo_id
 
@@ -61,7 +61,9 @@ class HubFacts:
                 f"{repo} is gated or private on the Hugging Face Hub ({gated.why} without a token) and {what}"))
 
         try:
-            secret = await self._api.request("GET", resource_path("v1", "Secret", namespace, ref.name))
+            secret = await self._api.get("v1", "Secret", namespace, ref.name)
+            if secret is None:
+                raise ApiError(404, "NotFound", f'secrets "{ref.name}" not found')
         except ApiError as e:
             if e.status in (401, 403):
                 raise refused(f"the operator may not read Secret {ref.name} (spec.hfTokenSecretRef): {GRANT}, "

@@ -21,6 +21,7 @@ class OperatorMetrics:
     queue_depth: Gauge
     managed: Gauge
     api_latency: Histogram
+    leader: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> OperatorMetrics:
@@ -55,5 +56,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> OperatorMetrics
             "argosy_operator_api_request_duration_seconds",
             "Kubernetes API calls made by reconciles (not kopf's watches), by method.",
             ["method"], buckets=DURATION_BUCKETS, registry=registry,
+        ),
+        leader=Gauge(
+            "argosy_operator_leader",
+            "1 while this replica reconciles (it holds the Lease, or leader election is off), 0 on standby.",
+            registry=registry,
         ),
     )

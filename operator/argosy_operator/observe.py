@@ -6,7 +6,6 @@ memory, not the API server. The functions here only shape the copies (pure).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,15 +16,34 @@ ObjectKey = tuple[str, str]
 """(namespace, LLMDeployment name)."""
 
 
+def _copy(value: Any) -> Any:
+    """An independent copy of JSON-shaped data (mappings, lists, scalars).
+
+    kopf hands out read-only views over its own dicts. copy.deepcopy did this too, at
+    several times the cost (its memo and dispatch), on every watch event of every object.
+    """
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _copy_dict(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) for k, v in obj.items()}
+
+
 def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
-    # kopf hands out read-only views over its own dicts; keep an independent copy.
-    return copy.deepcopy({k: obj[k] for k in obj})
+    """The object without metadata.managedFields (never read, and the largest part), copied."""
+    copied = {k: _copy(v) for k, v in obj.items() if k != "metadata"}
+    meta = obj.get("metadata")
+    if meta is not None:
+        copied["metadata"] = {k: _copy(v) for k, v in meta.items() if k != "managedFields"}
+    return copied
 
 
 def trim_llmdeployment(body: Mapping[str, Any]) -> dict[str, Any]:
-    obj = _plain(body)
-    obj.get("metadata", {}).pop("managedFields", None)
-    return obj
+    return _plain(body)
 
 
 def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,7 +51,7 @@ def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
     status = body.get("status") or {}
-    return copy.deepcopy({
+    return _copy_dict({
         "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
         "spec": {"unschedulable": bool(spec.get("unschedulable")), "taints": list(spec.get("taints") or [])},
         "status": {
@@ -61,16 +79,14 @@ def gpu_view(node: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def trim_child(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A Deployment, StatefulSet or Service as we compare it with the desired one (minus bookkeeping)."""
-    obj = _plain(body)
-    obj.get("metadata", {}).pop("managedFields", None)
-    return obj
+    """A Deployment, StatefulSet, Service or ConfigMap as we compare it with the desired one (minus bookkeeping)."""
+    return _plain(body)
 
 
 def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
-    return copy.deepcopy({
+    return _copy_dict({
         "metadata": {
             "name": meta.get("name"),
             "uid": meta.get("uid"),

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from argosy_operator import handlers
 from argosy_operator.autoscaling_loop import start_autoscaling
 from argosy_operator.controller import Runtime
-from argosy_operator.kubeapi import load_credentials
+from argosy_operator.kubeapi import CredentialsError, load_credentials
 from argosy_operator.metrics import OperatorMetrics, create_metrics
 from argosy_operator.settings import OperatorSettings, settings_from_args
 
@@ -52,7 +52,11 @@ def metrics_app(metrics: OperatorMetrics, ready: asyncio.Event) -> web.Applicati
 
 
 async def serve(settings: OperatorSettings) -> int:
-    credentials = load_credentials(settings.kubeconfig)
+    try:
+        credentials = load_credentials(settings.kubeconfig)
+    except CredentialsError as e:
+        logger.error("%s", e)
+        return 1
     metrics = create_metrics()
     runtime = Runtime(settings, credentials, metrics)
     registry = kopf.OperatorRegistry()
@@ -73,12 +77,16 @@ async def serve(settings: OperatorSettings) -> int:
         return 1
     logger.info("metrics on %s:%d; watching %s", settings.metrics_host, settings.metrics_port,
                 ", ".join(settings.namespaces) or "all namespaces")
-    autoscaling = start_autoscaling(settings, metrics.registry)  # spec.autoscaling (autoscaling_loop.py)
+    runtime.begin()
+    # spec.autoscaling (autoscaling_loop.py); it scales only while this replica leads.
+    autoscaling = start_autoscaling(settings, metrics.registry, is_leader=lambda: runtime.leading)
     try:
         await kopf.operator(
             registry=registry,
             settings=kopf_settings,
-            standalone=True,  # one replica, no peering objects (the chart runs one pod)
+            # No kopf peering: several replicas elect one leader with a Lease (leader.py), and
+            # a standby's kopf only watches, so it writes nothing.
+            standalone=True,
             clusterwide=settings.clusterwide,
             namespaces=list(settings.namespaces),
             ready_flag=ready,

@@ -17,6 +17,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_METRICS_PORT = 8080
 DEFAULT_RESYNC_SECONDS = 30.0
 DEFAULT_WORKERS = 4
+DEFAULT_LEASE_NAME = "argosy-operator"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +39,20 @@ class OperatorSettings:
     """Read config.json from the Hugging Face Hub for hf:// models the planner does not ship."""
     hub_endpoint: str | None = None
     """Base URL of the Hugging Face Hub (or a mirror), from $HF_ENDPOINT; None: the public Hub."""
+    leader_election: bool = False
+    """Reconcile only while holding the Lease (several replicas, one active)."""
+    lease_name: str = DEFAULT_LEASE_NAME
+    lease_namespace: str | None = None
+    """None: the namespace of the credentials (in a pod: its service account's)."""
 
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+
+def _env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    return default if not raw else raw.strip().lower() not in ("0", "false", "no", "off")
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -79,6 +90,10 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         kubeconfig=kubeconfig,
         resync_seconds=float(resync),
         workers=max(1, int(workers)),
-        hub_lookup=env.get("ARGOSY_OPERATOR_HUB_LOOKUP", "true").strip().lower() not in ("0", "false", "no"),
+        hub_lookup=_env_flag(env, "ARGOSY_OPERATOR_HUB_LOOKUP", True),
         hub_endpoint=env.get("HF_ENDPOINT") or None,
+        leader_election=bool(getattr(args, "leader_elect", None))
+        or _env_flag(env, "ARGOSY_OPERATOR_LEADER_ELECTION", False),
+        lease_name=getattr(args, "lease_name", None) or env.get("ARGOSY_OPERATOR_LEASE_NAME") or DEFAULT_LEASE_NAME,
+        lease_namespace=getattr(args, "lease_namespace", None) or env.get("POD_NAMESPACE") or None,
     )

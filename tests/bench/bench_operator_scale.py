@@ -1,26 +1,31 @@
-"""How fast the operator reconciles a burst of LLMDeployments, and what it costs in memory.
+"""How fast the operator brings a burst of LLMDeployments to Ready, and what it costs.
 
-    .venv/bin/python tests/bench/bench_operator_scale.py [--count 200] [--replicas 0]
+    .venv/bin/python tests/bench/bench_operator_scale.py [--counts 100,500,1000] [--nodes 200]
 
-Brings the sandbox up if needed, starts `argosy-operator run` on a fresh namespace,
-creates --count LLMDeployments (a mix of shipped models, so every one is planned),
-and prints the time until every object is reconciled: status.observedGeneration equals
-metadata.generation and its Deployment exists. Per-object latency is measured from the
-moment the API server accepted the create to the first poll that saw it reconciled
-(polls every --poll seconds, so that is the resolution). Also prints the operator's
-peak RSS (VmHWM) and its own reconcile counters.
+Runs on a sandbox of its own (state in .argosy/bench-operator, --nodes simulated H100
+nodes with 8 GPUs each; kwok marks scheduled pods Running and Ready, nothing runs in
+them), so the shared test sandbox keeps its small node pools. For each count: a fresh
+namespace, a fresh `argosy-operator run` watching it, --count LLMDeployments with one
+replica each (a mix of shipped models, so every one is planned) created 16 at a time;
+then the time until every object is Ready on its current spec (Ready=True,
+status.observedGeneration = metadata.generation, readyReplicas = 1), polled every
+--poll seconds. Then one full resync period with nothing changing, to count what a
+resync costs. Printed per count: time to all Ready, per-object latency, the operator's
+peak RSS (VmHWM) and CPU time, its API calls per object to converge and per object per
+resync (its own counter of client requests, argosy_operator_api_request_duration_seconds),
+and the machine's load average before and after.
 
---replicas 0 (the default) measures the operator, not the scheduler: the sandbox has
-four L4 GPUs, so with replicas 1 most pods would sit Pending, which is realistic for a
-saturated cluster but mostly measures kube-scheduler retries.
+The controller manager and scheduler run with --kube-api-qps 500 here: their defaults
+(20 and 50) would make the sandbox's own Deployment and ReplicaSet controllers, not
+the operator, the bottleneck of a thousand-object burst.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import secrets
 import signal
 import statistics
 import subprocess
@@ -28,34 +33,57 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from argosy_operator import crd as crdgen
+from argosy_operator.api import LLMDeploymentSpec
 from argosy_operator.kubeapi import KubeApi, load_credentials
+from argosy_operator.planner import inventory_from_nodes, plan_for_spec
 from argosy_sandbox.cluster import Sandbox, free_port
+from argosy_sandbox.pools import GpuSpec, NodePool, node_manifests
 
+REPO = Path(__file__).resolve().parents[2]
 OPERATOR = Path(sys.executable).with_name("argosy-operator")
+H100 = GpuSpec("NVIDIA-H100-80GB-HBM3", 81559, 8)
+# (uri, maxModelLen): one replica each; every eighth object is a 70B model on several GPUs.
 MODELS = (
     ("hf://meta-llama/Llama-3.2-1B-Instruct", None),
     ("hf://meta-llama/Llama-3.1-8B-Instruct", 16384),
     ("hf://Qwen/Qwen2.5-7B-Instruct", 16384),
+    ("hf://meta-llama/Llama-3.2-1B-Instruct", 4096),
+    ("hf://meta-llama/Llama-3.1-8B-Instruct", 8192),
+    ("hf://Qwen/Qwen2.5-7B-Instruct", 8192),
+    ("hf://meta-llama/Llama-3.2-1B-Instruct", 2048),
     ("hf://meta-llama/Llama-3.1-70B-Instruct", 8192),
 )
+API_CALLS = "argosy_operator_api_request_duration_seconds_count"
+API_SECONDS = "argosy_operator_api_request_duration_seconds_sum"
 
 
-
-def body(namespace: str, index: int, replicas: int) -> dict[str, Any]:
+def spec(index: int) -> dict[str, Any]:
     uri, max_len = MODELS[index % len(MODELS)]
-    spec: dict[str, Any] = {"model": {"uri": uri}, "replicas": replicas}
+    body: dict[str, Any] = {"model": {"uri": uri}, "replicas": 1}
     if max_len:
-        spec["engine"] = {"maxModelLen": max_len}
-    return {
-        "apiVersion": "argosy.dev/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": f"bench-{index:04d}", "namespace": namespace},
-        "spec": spec,
-    }
+        body["engine"] = {"maxModelLen": max_len}
+    return body
+
+
+def manifest(namespace: str, index: int) -> dict[str, Any]:
+    return {"apiVersion": "argosy.dev/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": f"bench-{index:04d}", "namespace": namespace}, "spec": spec(index)}
+
+
+def gpus_needed(count: int, pools: tuple[NodePool, ...]) -> int:
+    """What the planner will ask for (the same pure planner the operator runs)."""
+    ready = [{**node, "status": {**node["status"], "conditions": [{"type": "Ready", "status": "True"}]}}
+             for node in node_manifests(pools)]
+    inventory = inventory_from_nodes(ready)
+    per_model = [plan_for_spec(LLMDeploymentSpec.model_validate(spec(i)), inventory)
+                 for i in range(len(MODELS))]
+    return sum(per_model[i % len(MODELS)].gpus_per_pod * per_model[i % len(MODELS)].pods_per_replica
+               for i in range(count))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,9 +91,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def peak_rss_mib(pid: int) -> float:
+def proc_status(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -75,168 +103,232 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-async def create_all(api: KubeApi, namespace: str, count: int, replicas: int) -> dict[str, float]:
+def scrape(port: int) -> str:
+    # Generous: at a thousand objects on a busy machine the operator's event loop answers late.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=120) as r:
+        return str(r.read().decode())
+
+
+def is_ready(item: dict[str, Any]) -> bool:
+    status = item.get("status") or {}
+    if status.get("observedGeneration") != item["metadata"].get("generation") or status.get("readyReplicas") != 1:
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+
+
+async def create_all(api: KubeApi, namespace: str, count: int) -> dict[str, float]:
     created: dict[str, float] = {}
     gate = asyncio.Semaphore(16)
-    path = f"/apis/argosy.dev/v1alpha1/namespaces/{namespace}/llmdeployments"
 
     async def one(i: int) -> None:
         async with gate:
-            obj = body(namespace, i, replicas)
-            await api.request("POST", path, body=obj)
+            obj = manifest(namespace, i)
+            await api.create(obj)
             created[obj["metadata"]["name"]] = time.monotonic()
 
     await asyncio.gather(*(one(i) for i in range(count)))
     return created
 
 
-async def poll_reconciled(
-    api: KubeApi, namespace: str, created: dict[str, float], limit: float, interval: float
-) -> dict[str, float]:
+async def poll_ready(api: KubeApi, namespace: str, created: dict[str, float], limit: float,
+                     interval: float) -> dict[str, float]:
     done: dict[str, float] = {}
     deadline = time.monotonic() + limit
+    last_report = time.monotonic()
     while len(done) < len(created) and time.monotonic() < deadline:
-        llds, deploys = await asyncio.gather(
-            api.request("GET", f"/apis/argosy.dev/v1alpha1/namespaces/{namespace}/llmdeployments"),
-            api.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments"),
-        )
+        items = await api.list("argosy.dev/v1alpha1", "LLMDeployment", namespace)
         now = time.monotonic()
-        present = {d["metadata"]["name"] for d in deploys.get("items", [])}
-        for item in llds.get("items", []):
+        for item in items:
             name = item["metadata"]["name"]
-            current = (item.get("status") or {}).get("observedGeneration") == item["metadata"].get("generation")
-            if name in created and name not in done and current and name in present:
+            if name in created and name not in done and is_ready(item):
                 done[name] = now
+        if now - last_report >= 10:
+            print(f"    ... {len(done)}/{len(created)} Ready", flush=True)
+            last_report = now
         await asyncio.sleep(interval)
     return done
 
 
-async def measure(
-    kubeconfig: Path, namespace: str, args: argparse.Namespace
-) -> tuple[float, dict[str, float], dict[str, float], float]:
-    """Create the objects and wait for them; returns (start, created, reconciled, create span)."""
-    api = KubeApi(load_credentials(str(kubeconfig)))
-    try:
-        start = time.monotonic()
-        created = await create_all(api, namespace, args.count, args.replicas)
-        span = time.monotonic() - start
-        done = await poll_reconciled(api, namespace, created, args.timeout, args.poll)
-        return start, created, done, span
-    finally:
-        await api.close()
+@dataclass
+class Result:
+    count: int
+    created_span: float
+    ready: int
+    total: float
+    p50: float
+    p99: float
+    rss_idle: float
+    rss_peak: float
+    cpu: float
+    calls_converge: float
+    calls_resync: float
+    passes_resync: float
+    passes_converge: float
+    busy: float
+    api_latency_ms: float
+    load_before: str
+    load_after: str
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int) -> bool:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, namespace: str, resync: float, workers: int | None) -> None:
+        self.port = free_port()
+        self.log = Path(tempfile.gettempdir()) / f"argosy-bench-operator-{namespace}.log"
+        env = {**os.environ, "ARGOSY_OPERATOR_HUB_LOOKUP": "false", "HF_ENDPOINT": "http://127.0.0.1:9",
+               "ARGOSY_OPERATOR_METRICS_HOST": "127.0.0.1", "ARGOSY_OPERATOR_RESYNC_SECONDS": str(resync),
+               **({"ARGOSY_OPERATOR_WORKERS": str(workers)} if workers else {})}
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(OPERATOR), "run", "--kubeconfig", str(kubeconfig), "--namespace", namespace,
+                 "--metrics-port", str(self.port), "--log-level", "WARNING"],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.2)
+        return False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
-def bench(args: argparse.Namespace) -> int:
-    sandbox = Sandbox(report=lambda message: None)
-    if not sandbox.is_up():
-        print("starting the sandbox ...", flush=True)
-        sandbox.up()
-    namespace = f"bench-{secrets.token_hex(3)}"
-    sandbox.kubectl("create", "namespace", namespace)
-    # Hundreds of serving pods: counted, not served (no simulator process per pod).
-    sandbox.kubectl("label", "namespace", namespace, "sandbox.argosy.dev/vllm=none")
-    with tempfile.TemporaryDirectory() as tmp:
-        crd_path = Path(tmp) / "crd.yaml"
-        crd_path.write_text(crdgen.render_manifest())
-        sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_path))
-    sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
-
-    port = free_port()
-    log = Path(tempfile.gettempdir()) / f"argosy-bench-operator-{namespace}.log"
-    env = {
-        **os.environ,
-        "ARGOSY_OPERATOR_HUB_LOOKUP": "false",
-        "HF_ENDPOINT": "http://127.0.0.1:9",
-        "ARGOSY_OPERATOR_METRICS_HOST": "127.0.0.1",
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(OPERATOR),
-                "run",
-                "--kubeconfig",
-                str(sandbox.kubeconfig),
-                "--namespace",
-                namespace,
-                "--metrics-port",
-                str(port),
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        if not wait_ready(proc, port):
-            print(f"operator did not become ready; see {log}", file=sys.stderr)
-            return 1
-        idle_rss = peak_rss_mib(proc.pid)
-        idle_cpu = cpu_seconds(proc.pid)
-        start, created, done, created_span = asyncio.run(measure(sandbox.kubeconfig, namespace, args))
-        total = (max(done.values()) - start) if done else float("nan")
-        latencies = [done[n] - created[n] for n in done]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
-
-        print(
-            f"operator scale benchmark: {args.count} LLMDeployments, replicas={args.replicas}, "
-            f"namespace {namespace}, {os.cpu_count()} CPUs"
-        )
-        print(f"  created in              {created_span:7.2f} s (16 concurrent POSTs)")
-        print(f"  reconciled              {len(done)}/{args.count}")
-        print(f"  total (first create -> last reconciled) {total:7.2f} s")
-        if latencies:
-            print(
-                f"  per object  p50 {statistics.median(latencies):6.2f} s   "
-                f"p99 {percentile(latencies, 0.99):6.2f} s   max {max(latencies):6.2f} s   "
-                f"(poll resolution {args.poll} s)"
-            )
-        print(
-            f"  operator RSS idle {idle_rss:6.1f} MiB, peak {peak_rss_mib(proc.pid):6.1f} MiB; "
-            f"CPU used during the run {cpu_seconds(proc.pid) - idle_cpu:6.2f} s"
-        )
-        print(
-            f"  reconcile passes {metric(metrics, 'argosy_operator_reconciles_total'):.0f}, "
-            f"busy {metric(metrics, 'argosy_operator_reconcile_duration_seconds_sum'):.2f} s, "
-            f"child writes {metric(metrics, 'argosy_operator_child_writes_total'):.0f}"
-        )
-        calls = metric(metrics, "argosy_operator_api_request_duration_seconds_count")
-        waited = metric(metrics, "argosy_operator_api_request_duration_seconds_sum")
-        print(f"  operator API calls {calls:.0f}, mean latency {1000 * waited / max(calls, 1):.0f} ms")
-        return 0 if len(done) == args.count else 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        sandbox.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | None:
+    namespace = f"bench-{count}-{os.getpid()}"
+    sandbox.kubectl("create", "namespace", namespace)
+    # Hundreds of serving pods: counted, not served (the pod runner starts no process for them).
+    sandbox.kubectl("label", "namespace", namespace, "sandbox.argosy.dev/vllm=none")
+    load_before = load_average()
+    operator = OperatorProcess(sandbox.kubeconfig, namespace, args.resync, args.workers)
+    try:
+        if not operator.wait_ready():
+            print(f"operator did not become ready; see {operator.log}", file=sys.stderr)
+            return None
+        pid = operator.proc.pid
+        rss_idle, cpu_idle = proc_status(pid, "VmHWM"), cpu_seconds(pid)
+        idle_text = scrape(operator.port)
+        calls_idle = metric(idle_text, API_CALLS)
+        waited_idle = metric(idle_text, API_SECONDS)
+
+        async def measure() -> tuple[float, dict[str, float], dict[str, float], float]:
+            api = KubeApi(load_credentials(str(sandbox.kubeconfig)), timeout=60)
+            try:
+                start = time.monotonic()
+                created = await create_all(api, namespace, count)
+                span = time.monotonic() - start
+                done = await poll_ready(api, namespace, created, args.timeout, args.poll)
+                return start, created, done, span
+            finally:
+                await api.close()
+
+        start, created, done, span = asyncio.run(measure())
+        rss_converged = proc_status(pid, "VmHWM")
+        converged_text = scrape(operator.port)
+        calls_converged = metric(converged_text, API_CALLS)
+        passes_converged = metric(converged_text, "argosy_operator_reconciles_total")
+        rss_peak, cpu = max(rss_converged, proc_status(pid, "VmHWM")), cpu_seconds(pid) - cpu_idle
+        # One full resync with nothing changing: every object gets a pass; what does it cost?
+        time.sleep(args.resync + 2)
+        resync_text = scrape(operator.port)
+        latencies = [done[n] - created[n] for n in done]
+        return Result(
+            count=count, created_span=span, ready=len(done),
+            total=(max(done.values()) - start) if done else float("nan"),
+            p50=statistics.median(latencies) if latencies else float("nan"),
+            p99=percentile(latencies, 0.99) if latencies else float("nan"),
+            rss_idle=rss_idle, rss_peak=max(rss_peak, proc_status(pid, "VmHWM")), cpu=cpu,
+            calls_converge=(calls_converged - calls_idle) / count,
+            calls_resync=(metric(resync_text, API_CALLS) - calls_converged) / count,
+            passes_resync=(metric(resync_text, "argosy_operator_reconciles_total") - passes_converged) / count,
+            passes_converge=passes_converged / count,
+            busy=metric(converged_text, "argosy_operator_reconcile_duration_seconds_sum"),
+            api_latency_ms=1000 * (metric(converged_text, API_SECONDS) - waited_idle)
+            / max(1.0, calls_converged - calls_idle),
+            load_before=load_before, load_after=load_average(),
+        )
+    finally:
+        operator.stop()
+        print(f"  cleaning up namespace {namespace} ...", flush=True)
+        sandbox.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", check=False)
+
+
+def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
+    print(f"operator scale benchmark: {result.count} LLMDeployments (1 replica each) on {nodes} simulated "
+          f"8-GPU nodes, {os.cpu_count()} CPUs, load average {result.load_before} before, "
+          f"{result.load_after} after")
+    print(f"  created in                 {result.created_span:7.2f} s (16 concurrent POSTs)")
+    print(f"  Ready on the current spec  {result.ready}/{result.count}")
+    print(f"  total (first create -> last Ready) {result.total:7.2f} s")
+    print(f"  per object  p50 {result.p50:6.2f} s   p99 {result.p99:6.2f} s   (poll every {args.poll} s)")
+    print(f"  operator RSS idle {result.rss_idle:6.1f} MiB, peak {result.rss_peak:6.1f} MiB; "
+          f"CPU {result.cpu:6.2f} s to converge")
+    print(f"  reconcile passes per object {result.passes_converge:5.2f}, busy {result.busy:7.2f} s in all, "
+          f"mean API call {result.api_latency_ms:5.0f} ms")
+    print(f"  operator API calls per object: {result.calls_converge:5.2f} to converge, "
+          f"{result.calls_resync:5.2f} per resync ({result.passes_resync:.2f} passes per object in "
+          f"{args.resync:.0f} s)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--replicas", type=int, default=0)
+    parser.add_argument("--counts", default="100,500,1000", help="comma-separated object counts, run in turn")
+    parser.add_argument("--nodes", type=int, default=200, help="simulated H100 nodes (8 GPUs each)")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--poll", type=float, default=0.25)
-    return bench(parser.parse_args())
+    parser.add_argument("--poll", type=float, default=1.0)
+    parser.add_argument("--resync", type=float, default=30.0, help="the operator's resync period")
+    parser.add_argument("--workers", type=int, default=None, help="the operator's workers (default: its own)")
+    parser.add_argument("--keep-sandbox", action="store_true", help="leave the bench sandbox running")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+
+    pools = (NodePool("h100", args.nodes, cpu="192", memory="2Ti", gpu=H100),)
+    capacity = args.nodes * H100.count
+    for count in counts:
+        need = gpus_needed(count, pools)
+        if need > capacity:
+            print(f"{count} objects need {need} GPUs; {args.nodes} nodes have {capacity}: use more --nodes",
+                  file=sys.stderr)
+            return 2
+    sandbox = Sandbox(state=REPO / ".argosy" / "bench-operator", pools=pools, report=lambda m: print(m, flush=True),
+                      control_plane_qps=500)
+    print(f"bench sandbox ({args.nodes} nodes) in {sandbox.state} ...", flush=True)
+    sandbox.up()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            crd_path = Path(tmp) / "crd.yaml"
+            crd_path.write_text(crdgen.render_manifest())
+            sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_path))
+        sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
+        results = []
+        for count in counts:
+            print(f"== {count} LLMDeployments ({gpus_needed(count, pools)} of {capacity} GPUs)", flush=True)
+            result = run_one(sandbox, count, args)
+            if result is None:
+                return 1
+            report(result, args.nodes, args)
+            results.append(result)
+        print(json.dumps([r.__dict__ for r in results]))
+        return 0 if all(r.ready == r.count for r in results) else 1
+    finally:
+        if not args.keep_sandbox:
+            sandbox.down()
 
 
 if __name__ == "__main__":

@@ -108,6 +108,13 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
         ("create", "events", None),
     ]:
         assert can(sandbox, operator, verb, resource, elsewhere, sub), f"operator cannot {verb} {resource}"
+    # Leader election: its own Lease in the release namespace, no other Lease anywhere.
+    assert can(sandbox, operator, "get", f"leases.coordination.k8s.io/{cluster_wide}-operator", namespace)
+    assert can(sandbox, operator, "update", f"leases.coordination.k8s.io/{cluster_wide}-operator", namespace)
+    assert can(sandbox, operator, "create", "leases.coordination.k8s.io", namespace)
+    assert not can(sandbox, operator, "update", "leases.coordination.k8s.io/kube-scheduler", namespace)
+    assert not can(sandbox, operator, "update", "leases.coordination.k8s.io/kube-scheduler", "kube-system")
+    assert not can(sandbox, operator, "create", "leases.coordination.k8s.io", elsewhere)
     for verb, resource, ns in [
         ("get", "secrets", namespace),
         ("list", "secrets", None),

@@ -54,11 +54,13 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
 class Operator:
     """One `argosy-operator run` subprocess watching one namespace."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
         self.extra_env = env or {}
+        self.extra_args = extra_args
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -74,7 +76,7 @@ class Operator:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [str(OPERATOR), "run", "--kubeconfig", str(self.kubeconfig), "--namespace", self.namespace,
-                 "--metrics-port", str(self.port), "--log-level", "INFO"],
+                 "--metrics-port", str(self.port), "--log-level", "INFO", *self.extra_args],
                 stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         wait_for("the operator to be ready", self._ready, timeout=30)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
-from argosy_operator.kubeapi import ApiError
+import httpx2
+from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.observe import Observation
 from argosy_operator.reconcile import ReconcileContext, reconcile
 from argosy_operator.workqueue import Done, Retry, WaitForChange
+from lightkube import KubeConfig
+from lightkube.config.models import Cluster, User
 
 
 def _node(name: str, product: str, memory_mib: int, gpus: int) -> dict[str, Any]:
@@ -26,23 +30,43 @@ NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
 class FakeApi:
-    """Records every call; objects do not exist until applied; writes can be made to fail."""
+    """The real client (KubeApi on lightkube) against a recording fake API server.
 
-    def __init__(self, fail_apply: ApiError | None = None) -> None:
+    Records every request as (method, path, query, body); objects do not exist until
+    applied; applies can be made to fail with a Kubernetes Status.
+    """
+
+    def __init__(self, fail_apply: ApiError | None = None,
+                 existing: dict[str, dict[str, Any]] | None = None) -> None:
         self.calls: list[tuple[str, str, dict[str, Any] | None, Any]] = []
         self.fail_apply = fail_apply
+        self.existing = existing or {}  # path -> object someone else created
+        config = KubeConfig.from_one(cluster=Cluster(server="http://127.0.0.1:6443"), user=User(token="t")).get()
+        self.kube = KubeApi(config, transport=httpx2.MockTransport(self._serve))
 
-    async def request(self, method: str, path: str, *, params: Any = None, body: Any = None,
-                      content_type: str = "application/json") -> dict[str, Any]:
-        self.calls.append((method, path, dict(params) if params else None, body))
-        if method == "GET":
-            raise ApiError(404, "NotFound", "not found")
-        if method == "PATCH" and content_type == "application/apply-patch+yaml" and self.fail_apply:
-            raise self.fail_apply
-        return dict(body or {})
+    def _serve(self, request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content) if request.content else None
+        self.calls.append((request.method, request.url.path, dict(request.url.params) or None, body))
+        path = request.url.path
+        if request.method == "GET":
+            if path in self.existing:
+                return httpx2.Response(200, json=self.existing[path])
+            return _status(ApiError(404, "NotFound", "not found"))
+        applying = request.headers.get("content-type") == "application/apply-patch+yaml"
+        if applying and self.fail_apply:
+            return _status(self.fail_apply)
+        if applying and path in self.existing and request.url.params.get("force") != "true":
+            return _status(ApiError(409, "Conflict", 'Apply failed with 1 conflict: conflict with "kubectl"'))
+        return httpx2.Response(201 if request.method == "POST" else 200, json=body or {})
 
     def of(self, method: str, suffix: str = "") -> list[tuple[str, str, dict[str, Any] | None, Any]]:
         return [c for c in self.calls if c[0] == method and c[1].endswith(suffix)]
+
+
+def _status(error: ApiError) -> httpx2.Response:
+    return httpx2.Response(error.status, json={"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                               "code": error.status, "reason": error.reason,
+                                               "message": error.message})
 
 
 def lld(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -58,7 +82,7 @@ SMALL = {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "gpu": {"pro
 
 
 def ctx(api: FakeApi) -> ReconcileContext:
-    return ReconcileContext(api=api, clock=lambda: NOW)  # type: ignore[arg-type]
+    return ReconcileContext(api=api.kube, clock=lambda: NOW)
 
 
 async def test_new_object_gets_its_children_applied_and_a_status() -> None:
@@ -68,9 +92,9 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
     applies = [c for c in api.of("PATCH") if not c[1].endswith("/status")]
     assert sorted(c[1] for c in applies) == ["/api/v1/namespaces/ns/services/m",
                                              "/apis/apps/v1/namespaces/ns/deployments/m"]
-    assert all(c[2] == {"fieldManager": "argosy-operator", "force": "true"} for c in applies)
-    # Missing from the cache: ownership is checked before a forced apply.
-    assert len(api.of("GET")) == 2
+    # Missing from the cache: the first apply is not forced (it creates, and cannot take over), one call each.
+    assert all(c[2] == {"fieldManager": "argosy-operator"} for c in applies)
+    assert not api.of("GET")
     ((_, _, _, patch),) = api.of("PATCH", "/llmdeployments/m/status")
     status = patch["status"]
     assert status["observedGeneration"] == 1
@@ -78,6 +102,19 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
     conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
     assert conditions["Progressing"] == ("True", "Creating")
     assert conditions["PlacementFound"] == ("True", "Placed")
+
+
+async def test_a_same_named_object_someone_else_made_is_reported_not_taken_over() -> None:
+    other = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "other", "uid": "someone-else", "controller": True}
+    foreign = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "m", "namespace": "ns", "ownerReferences": [other]}}
+    api = FakeApi(existing={"/api/v1/namespaces/ns/services/m": foreign})
+    outcome = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert isinstance(outcome, Retry) and "Service m already exists and is not owned" in outcome.reason
+    service_applies = api.of("PATCH", "/services/m")
+    assert [c[2] for c in service_applies] == [{"fieldManager": "argosy-operator"}]  # never forced
+    assert api.of("GET", "/services/m")  # looked, after the refused apply, to say whose it is
+    assert api.of("PATCH", "/deployments/m")  # the other child is not held up
 
 
 async def test_a_pass_before_the_cache_catches_up_does_not_repeat_status_or_events() -> None:
@@ -143,7 +180,7 @@ def applied_children(api: FakeApi) -> tuple[dict[str, Any], ...]:
 async def test_cordoned_pool_degrades_the_model_and_touches_no_child() -> None:
     api = FakeApi()
     hub = CountingHub()
-    context = ReconcileContext(api=api, clock=lambda: NOW, hub=hub)  # type: ignore[arg-type]
+    context = ReconcileContext(api=api.kube, clock=lambda: NOW, hub=hub)  # type: ignore[arg-type]
     spec = {**SMALL, "replicas": 1}
     await reconcile(context, Observation(("ns", "m"), lld(spec), NODES))
     written = api.of("PATCH", "/status")[0][3]["status"]

@@ -72,14 +72,14 @@ class SecretsApi:
         self.token = token
         self.gets: list[str] = []
 
-    async def request(self, method: str, path: str, **_: Any) -> dict[str, Any]:
-        assert method == "GET" and "/secrets/" in path
-        self.gets.append(path)
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        assert (api_version, kind) == ("v1", "Secret")
+        self.gets.append(f"/api/v1/namespaces/{namespace}/secrets/{name}")
         if self.mode == "forbidden":
             raise ApiError(403, "Forbidden", 'secrets "hf-token" is forbidden: User "system:serviceaccount:x" '
                            "cannot get resource")
         if self.mode == "missing":
-            raise ApiError(404, "NotFound", 'secrets "hf-token" not found')
+            return None  # KubeApi.get: a 404 is None
         return {"data": {"token": base64.b64encode(self.token.encode()).decode()}}
 
 

@@ -39,7 +39,8 @@ def test_nodes_are_read_only_and_the_only_cluster_scope_when_namespaced(render):
     assert cluster_roles[0]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
     roles = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "Role"}
     assert roles == {(ns, f"argosy-{c}") for ns in ("team-a", "team-b") for c in ("operator", "gateway")} | {
-        ("argosy-system", "argosy-operator-gateway-pods")  # the autoscaler finds the gateways' /metrics
+        ("argosy-system", "argosy-operator-gateway-pods"),  # the autoscaler finds the gateways' /metrics
+        ("argosy-system", "argosy-operator-leader-election"),
     }
     gateway_pods = next(o for o in objects if o["metadata"]["name"] == "argosy-operator-gateway-pods"
                         and o["kind"] == "Role")
@@ -82,10 +83,21 @@ def test_operator_writes_only_its_children_status_and_events(render):
         ("", "configmaps"),  # inline chat templates; a referenced one is only read
         ("", "events"),
         ("", "pods"),  # a group's leader label, and restarting a group whose member failed
+        ("coordination.k8s.io", "leases"),
     }
     pod_verbs = {verb for _, rule in _rules(render(), "operator") if "pods" in rule["resources"]
                  for verb in rule["verbs"]}
     assert pod_verbs & WRITE_VERBS == {"patch", "delete"}  # never create: pods come from their controllers
+
+
+def test_the_operator_renews_only_its_own_lease_in_the_release_namespace(render):
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        lease_rules = [(where, rule) for where, rule in _rules(render(values), "operator")
+                       if "leases" in rule["resources"]]
+        assert {where for where, _ in lease_rules} == {"Role/argosy-system/argosy-operator-leader-election"}
+        by_verbs = {tuple(rule["verbs"]): rule.get("resourceNames") for _, rule in lease_rules}
+        # create cannot name an object that does not exist yet; everything else is limited to one Lease.
+        assert by_verbs == {("create",): None, ("get", "update"): ["argosy-operator"]}
 
 
 def test_secrets_are_readable_by_the_operator_only_when_opted_in(render):

@@ -41,6 +41,8 @@ def test_defaults_install_crd_operator_and_gateway_only(render, select):
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",  # the operator's leader-election Lease
+            "RoleBinding",
             "Deployment",
             "Service",
             "PodDisruptionBudget",
@@ -102,7 +104,6 @@ def test_operator_arguments_follow_values(render, select):
     objects = render({"watchNamespaces": ["team-a", "team-b"], "operator": {"logLevel": "debug", "metricsPort": 9090}})
     operator = select(objects, "Deployment", "argosy-operator")[0]
     assert operator["spec"]["replicas"] == 1
-    assert operator["spec"]["strategy"]["type"] == "Recreate"  # never two kopf instances at once
     container = operator["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [
         "run",
@@ -110,8 +111,21 @@ def test_operator_arguments_follow_values(render, select):
         "--namespace=team-b",
         "--log-level=debug",
         "--metrics-port=9090",
+        "--leader-elect",
+        "--lease-name=argosy-operator",
     ]
     assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert downward == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+
+
+def test_two_operator_replicas_elect_a_leader_and_roll_without_a_gap(render, select):
+    operator = select(render({"operator": {"replicas": 2}}), "Deployment", "argosy-operator")[0]
+    assert operator["spec"]["replicas"] == 2
+    # Safe with a Lease: a new pod stands by until the old one releases it.
+    assert operator["spec"]["strategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert "--leader-elect" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_gateway_settings_reach_the_gateway_environment(render, select):
@@ -318,7 +332,7 @@ def test_first_install_skips_models_and_says_to_upgrade(run_helm, chart_dir, tmp
         ({"gateway": {"replica": 3}}, "additional properties 'replica' not allowed"),
         ({"operatr": {"enabled": True}}, "additional properties 'operatr' not allowed"),
         ({"gateway": {"routingPolicy": "random"}}, "routingPolicy"),
-        ({"operator": {"replicas": 2}}, "replicas"),
+        ({"operator": {"replicas": -1}}, "replicas"),
         ({"gateway": {"apiKeys": {"enabled": True, "keys": [{"name": "a", "sha256": "plaintext-key"}]}}}, "sha256"),
         ({"models": [{"name": "Llama_8B", "spec": {"model": {"uri": "hf://a/b"}}}]}, "name"),
     ],
