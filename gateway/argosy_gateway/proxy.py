@@ -208,7 +208,6 @@ class ProxyEndpoint:
                 exchange.watch_soon(asyncio.get_running_loop(), receive, task)
                 if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
                     route = await runtime.wake.ready_route(route)
-                    route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
             except GatewayError as error:
                 status = error.status
