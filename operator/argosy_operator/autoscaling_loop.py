@@ -210,6 +210,7 @@ class AutoscalingLoop:
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
         is_leader: Callable[[], bool] = lambda: True,
+        client: Any = None,
     ) -> None:
         self.is_leader = is_leader
         """Only the operator replica holding the Lease scales (a standby looks at nothing)."""
@@ -218,7 +219,9 @@ class AutoscalingLoop:
         self._clock = clock
         self._memory: dict[str, _Memory] = {}
         self._task: asyncio.Task[None] | None = None
-        self._client: Any = None
+        self._client: Any = client
+        """The operator's own lightkube AsyncClient (kubeapi.KubeApi.client): one client, one login."""
+        self._owns_client = client is None
         self._http: aiohttp.ClientSession | None = None
         labels = ["namespace", "llmdeployment", "model"]
         self.desired = Gauge("argosy_operator_autoscaler_desired_replicas",
@@ -247,7 +250,7 @@ class AutoscalingLoop:
                 await self._task
         if self._http is not None:
             await self._http.close()
-        if self._client is not None:
+        if self._client is not None and self._owns_client:
             await self._client.close()
 
     async def _run(self) -> None:
@@ -487,8 +490,8 @@ def parse_selector(selector: str | None) -> dict[str, str] | None:
 
 
 def start_autoscaling(settings: OperatorSettings, registry: CollectorRegistry,
-                      is_leader: Callable[[], bool] = lambda: True) -> AutoscalingLoop:
+                      is_leader: Callable[[], bool] = lambda: True, client: Any = None) -> AutoscalingLoop:
     """The operator runtime's one hook: start the loop now; ``await loop.stop()`` on the way out."""
-    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry, is_leader=is_leader)
+    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry, is_leader=is_leader, client=client)
     loop.start()
     return loop

@@ -79,7 +79,8 @@ async def serve(settings: OperatorSettings) -> int:
                 ", ".join(settings.namespaces) or "all namespaces")
     runtime.begin()
     # spec.autoscaling (autoscaling_loop.py); it scales only while this replica leads.
-    autoscaling = start_autoscaling(settings, metrics.registry, is_leader=lambda: runtime.leading)
+    autoscaling = start_autoscaling(settings, metrics.registry, is_leader=lambda: runtime.leading,
+                                    client=runtime.api.client)
     try:
         await kopf.operator(
             registry=registry,
