@@ -141,6 +141,7 @@ def own_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         other.down()
 
 
+@pytest.mark.apiserver_restart
 def test_every_model_converges_after_the_api_server_restarts_mid_rollout(
         own_sandbox: Sandbox, tmp_path: Path) -> None:
     namespace = "restart"
