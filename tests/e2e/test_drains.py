@@ -23,9 +23,9 @@ from typing import Any
 import openai
 import pytest
 from test_gateway_k8s import FACTS, GatewayProcess
-from test_operator import Cluster, Operator, wait_for
+from test_operator import Cluster, operator, wait_for  # noqa: F401 (operator: the fixture every test here uses)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420), pytest.mark.usefixtures("crd", "operator")]
 
 MODEL = "drained"
 ITL_MS = 200
@@ -134,17 +134,6 @@ def gateway(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[Gatewa
         process.stop()
 
 
-@pytest.fixture
-def serving(crd: None, cluster: Cluster, gateway: GatewayProcess, kubeconfig: Path, namespace: str,
-            tmp_path: Path) -> Iterator[Cluster]:
-    operator = Operator(kubeconfig, namespace, tmp_path / "operator.log")
-    operator.start()
-    try:
-        yield cluster
-    finally:
-        operator.stop()
-
-
 def streams_through_a_change(cluster: Cluster, gateway: GatewayProcess, count: int,
                              change: dict[str, Any]) -> tuple[list[Outcome], PodWatch, float]:
     """`count` streams in flight (each has its first token), then `kubectl patch` of the spec with `change`;
@@ -176,14 +165,12 @@ def report(what: str, outcomes: list[Outcome], watch: PodWatch, changed: float, 
               f"gone {watch.gone[name] - last_end:+.1f} s after the last stream ended")
 
 
-def test_a_scale_down_finishes_the_streams_of_the_pod_it_removes(
-    serving: Cluster, gateway: GatewayProcess
-) -> None:
-    serving.apply(MODEL, drained(replicas=2))
-    serving.wait_ready(MODEL, 2)
+def test_a_scale_down_finishes_the_streams_of_the_pod_it_removes(cluster: Cluster, gateway: GatewayProcess) -> None:
+    cluster.apply(MODEL, drained(replicas=2))
+    cluster.wait_ready(MODEL, 2)
     wait_for("two endpoints in the gateway", lambda: gateway.models().get(MODEL, {}).get("readyEndpoints") == 2, 30)
 
-    outcomes, watch, changed = streams_through_a_change(serving, gateway, 100, {"replicas": 1})
+    outcomes, watch, changed = streams_through_a_change(cluster, gateway, 100, {"replicas": 1})
     assert_every_stream_completed(outcomes)
     [removed] = watch.deleting
     on_removed = [o for o in outcomes if o.endpoint == f"{watch.ips[removed]}:8000"]
@@ -193,25 +180,23 @@ def test_a_scale_down_finishes_the_streams_of_the_pod_it_removes(
     # The pod stayed until its last stream had ended, and went soon after (the hook polls each second).
     assert watch.gone[removed] >= max(o.ended for o in on_removed) - 0.5
     assert watch.gone[removed] - max(o.ended for o in on_removed) < 10
-    assert len(serving.pods(MODEL)) == 1
+    assert len(cluster.pods(MODEL)) == 1
 
 
-def test_a_rollout_finishes_the_streams_of_the_pod_it_replaces(
-    serving: Cluster, gateway: GatewayProcess
-) -> None:
-    serving.apply(MODEL, drained(replicas=1))
-    serving.wait_ready(MODEL, 1)
-    [old] = serving.pods(MODEL)
+def test_a_rollout_finishes_the_streams_of_the_pod_it_replaces(cluster: Cluster, gateway: GatewayProcess) -> None:
+    cluster.apply(MODEL, drained(replicas=1))
+    cluster.wait_ready(MODEL, 1)
+    [old] = cluster.pods(MODEL)
     wait_for("the endpoint in the gateway", lambda: gateway.models().get(MODEL, {}).get("readyEndpoints") == 1, 30)
 
     # A new engine setting changes the pod template: the Deployment replaces the pod.
     env = [{"name": "ARGOSY_VLLM_SIM_ITL_MS", "value": str(ITL_MS)}, {"name": "ROLLED", "value": "1"}]
-    outcomes, watch, changed = streams_through_a_change(serving, gateway, 50, {"engine": {"env": env}})
+    outcomes, watch, changed = streams_through_a_change(cluster, gateway, 50, {"engine": {"env": env}})
     assert_every_stream_completed(outcomes)
     assert list(watch.deleting) == [old["metadata"]["name"]]
     assert {o.endpoint for o in outcomes} == {f"{old['status']['podIP']}:8000"}
     print("rollout: 50 of 50 streams were on the replaced pod, all ended with [DONE]")
     report("rollout", outcomes, watch, changed, list(watch.deleting))
     assert watch.gone[old["metadata"]["name"]] >= max(o.ended for o in outcomes) - 0.5
-    new = wait_for("the new pod Ready", lambda: serving.wait_ready(MODEL, 1) and serving.pods(MODEL), 120)
+    new = wait_for("the new pod Ready", lambda: cluster.wait_ready(MODEL, 1) and cluster.pods(MODEL), 120)
     assert new[0]["metadata"]["name"] != old["metadata"]["name"]
