@@ -521,6 +521,8 @@ class PodWorker:
             **base, **env, **runtime.runtime_env(),
             "VLLM_HOST_IP": self.facts.pod_ip,
             "HF_HUB_OFFLINE": "1",
+            # The image's python3 (the one vLLM is installed in) for its hooks and exec probes.
+            "PATH": env.get("PATH") or f"{runtime.runtime_python().parent}:{base['PATH']}",
         }
         notes = ["vLLM's CPU build runs this pod's `vllm serve`", *real.substitutions]
         return Launch(argv=[*runtime.vllm_command(), "serve", *real.args], env=vllm_env, notes=notes)
