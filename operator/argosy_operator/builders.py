@@ -282,11 +282,13 @@ def _http_get() -> dict[str, Any]:
 
 
 def drain_command(
-    grace_seconds: int, port: int = SERVER_PORT, start_seconds: float = DRAIN_START_SECONDS
+    grace_seconds: int, port: int = SERVER_PORT, start_seconds: float = DRAIN_START_SECONDS, host: str = "127.0.0.1"
 ) -> list[str]:
     """The serving container's preStop hook: wait until vLLM has no request left (bounded).
 
-    Python, because the vLLM image has it and no curl; it reads vLLM's own /metrics.
+    Python, because the vLLM image has it and no curl; it reads vLLM's own /metrics (at
+    ``host``: the pod's own vLLM, or a multi-node group's leader for its workers). An
+    unreachable server ends the wait: nothing is left to drain there.
     """
     budget = max(1, grace_seconds - DRAIN_EXIT_SECONDS)
     script = (
@@ -295,7 +297,7 @@ def drain_command(
         f"time.sleep({min(start_seconds, budget):g})\n"
         "while time.monotonic() < deadline:\n"
         "    try:\n"
-        f"        page = urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read()\n"
+        f"        page = urllib.request.urlopen('http://{host}:{port}/metrics', timeout=5).read()\n"
         "    except OSError:\n"
         "        break\n"
         "    busy = sum(float(line.rsplit(None, 1)[-1]) for line in page.decode().splitlines()\n"

@@ -38,6 +38,7 @@ from argosy_operator.builders import (
     build_deployment,
     build_service,
     child_labels,
+    drain_command,
     model_source,
     owner_reference,
     pod_annotations,
@@ -242,9 +243,20 @@ def _container(inputs: GroupInputs, pod_spec: dict[str, Any]) -> dict[str, Any]:
         "timeoutSeconds": 10,
         "failureThreshold": 5,
     }
+    container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", _drain_script(inputs)]}}}
     mounts = [m for m in container.get("volumeMounts") or () if m["name"] != "dshm"]
     container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts]
     return container
+
+
+def _drain_script(inputs: GroupInputs) -> str:
+    """preStop of a group member. The leader waits for its own vLLM's requests in flight, as a
+    single-node server does; a worker for the leader's: the leader computes with its workers, so
+    a worker that stopped first would fail those requests (the whole group is deleted at once)."""
+    grace = inputs.server.termination_grace_period_seconds
+    leader = shlex.join(drain_command(grace))
+    worker = shlex.join(drain_command(grace, host=inputs.leader_address))
+    return f'if [ "${NODE_RANK_ENV}" = 0 ]; then exec {leader}; fi\nexec {worker}'
 
 
 def _probe_script(inputs: GroupInputs, *, workers_checked: bool) -> str:

@@ -13,10 +13,12 @@ import json
 import os
 import secrets
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +100,10 @@ def release(sandbox: Sandbox) -> Iterator[Release]:
     sandbox.kubectl("label", "namespace", models, f"{plan.BACKEND_KEY}=real")
     chart.ensure_crd(sandbox)
     try:
-        chart.install(sandbox, name, namespace, "--set", "crds.enabled=false", "--set", f"watchNamespaces={{{models}}}")
+        chart.install(sandbox, name, namespace, "--set", "crds.enabled=false", "--set", f"watchNamespaces={{{models}}}",
+                      # A cold start of real vLLM here takes minutes: hold requests for it that long.
+                      "--set", "gateway.scaleFromZero.timeoutSeconds=900",
+                      "--set", "operator.autoscaler.intervalSeconds=5")
         operator = chart.component_pod(sandbox, namespace, name, "operator")
         gateway = chart.component_pod(sandbox, namespace, name, "gateway")
         assert operator is not None and gateway is not None
@@ -253,3 +258,83 @@ def test_a_killed_vllm_is_restarted_counted_and_routed_around_until_ready(
             model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
     assert again.choices[0].message.content
     print(f"vLLM served again {time.monotonic() - killed:.0f} s after the kill")
+
+
+def test_a_model_at_zero_wakes_on_its_first_requests_and_answers_every_one(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    """A true cold start: the model at zero replicas (its vLLM pod drained and gone), then a few
+    concurrent SDK requests, some streaming: the gateway holds them, one scale-up starts a new real
+    vLLM, and every request is answered. Runs last: it replaces the module's vLLM pod."""
+    from argosy_sandbox import vllm_runtime
+
+    def lld() -> dict[str, Any]:
+        return dict(json.loads(sandbox.kubectl("get", "lld", MODEL, "-n", release.models, "-o", "json").stdout))
+
+    def listed() -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(f"{release.gateway_url}/v1/models", timeout=2) as response:
+                listing = json.loads(response.read())
+        except OSError:
+            return {}
+        return next((e["argosy"] for e in listing["data"] if e["id"] == MODEL), {})
+
+    old = serving.pod["metadata"]["name"]
+    # Put it to sleep (as the autoscaler would after scaleToZeroAfterSeconds without traffic).
+    patch = {"spec": {"replicas": 0, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 2,
+                                                     "targetInFlightPerReplica": 16}}}
+    sandbox.kubectl("patch", "lld", MODEL, "-n", release.models, "--type=merge", "-p", json.dumps(patch))
+    asleep = time.monotonic()
+    assert wait_for(lambda: not chart.pods(sandbox, release.models, f"argosy.dev/deployment={MODEL}"), 120, 0.5), (
+        "the vLLM pod was not gone 120 s after the scale to zero")
+    print(f"scale to zero: the vLLM pod {old} drained and was gone {time.monotonic() - asleep:.1f} s after the patch")
+    assert wait_for(lambda: listed().get("scaledToZero") is True, 30)
+
+    replicas_seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        replicas = int(lld()["spec"].get("replicas", 0))
+        if not replicas_seen or replicas_seen[-1] != replicas:
+            replicas_seen.append(replicas)
+
+    def watch() -> None:
+        while not stop.is_set():
+            sample()
+            stop.wait(0.5)
+
+    def ask(index: int) -> tuple[str, float]:
+        messages = [{"role": "user", "content": f"Hello {index}"}]
+        started = time.monotonic()
+        if index % 2:
+            chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,  # type: ignore[arg-type]
+                                                         stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)  # type: ignore[arg-type]
+            text = answer.choices[0].message.content or ""
+        return text, time.monotonic() - started
+
+    sample()  # the state before anything is sent
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    client = openai.OpenAI(base_url=f"{release.gateway_url}/v1", api_key="unused", max_retries=0, timeout=1200)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            sent = time.monotonic()
+            results = list(pool.map(ask, range(6)))  # raises what a failed (e.g. 503) request raised
+    finally:
+        stop.set()
+        watcher.join(5)
+        client.close()
+    first = min(took for _, took in results)
+    print(f"cold start with real vLLM: first request to its answer {first:.1f} s, all 6 answered "
+          f"{time.monotonic() - sent:.1f} s after they were sent; replicas {replicas_seen}")
+    assert all(text for text, _ in results), results
+    assert replicas_seen == [0, 1], replicas_seen
+    [pod] = [p for p in chart.pods(sandbox, release.models, f"argosy.dev/deployment={MODEL}")
+             if not p["metadata"].get("deletionTimestamp")]
+    assert pod["metadata"]["name"] != old and chart.is_ready(pod)
+    pid = chart.container_pid(pod, "vllm")
+    command = vllm_runtime.vllm_command()
+    assert pid is not None and chart.cmdline(pid)[:len(command)] == command  # a new real vLLM, not the simulator

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from . import build, pki
-from .kubelet_plan import DEFAULT_BACKEND, LOGS_CRD, POD_UID_ENV, STATE_ENV, kwok_pod_stages
+from .kubelet_plan import DEFAULT_BACKEND, LOGS_CRD, POD_UID_ENV, STATE_ENV, kwok_pod_delete_stage, kwok_pod_stages
 from .paths import cache_dir, kubectl_path, state_dir
 from .pools import DEFAULT_POOLS, POOL_LABEL, NodePool, node_manifests
 
@@ -377,15 +377,20 @@ class Sandbox:
         raise ValueError(component)
 
     def _kwok_stage_files(self) -> list[Path]:
-        """kwok's stock stages, with pod-ready limited to pods the pod runner does not own, plus its own start stage."""
+        """kwok's stock stages, with pod-ready and pod-delete limited to pods the pod runner does not own,
+        plus its own start stage for the runner's pods."""
         directory = self.state / "kwok-stages"
         directory.mkdir(parents=True, exist_ok=True)
         files = []
         for stock in build.kwok_stage_files():
-            if stock.name != "pod-ready.yaml":
+            if stock.name == "pod-ready.yaml":
+                stages = kwok_pod_stages(yaml.safe_load(stock.read_text()))
+            elif stock.name == "pod-delete.yaml":
+                stages = [kwok_pod_delete_stage(yaml.safe_load(stock.read_text()))]
+            else:
                 files.append(stock)
                 continue
-            for index, stage in enumerate(kwok_pod_stages(yaml.safe_load(stock.read_text()))):
+            for index, stage in enumerate(stages):
                 path = directory / f"{index}-{stage['metadata']['name']}.yaml"
                 text = yaml.safe_dump(stage, sort_keys=False)
                 if not path.exists() or path.read_text() != text:

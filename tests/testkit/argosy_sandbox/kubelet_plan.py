@@ -407,13 +407,15 @@ def served_model_names(serve_args: Sequence[str]) -> list[str]:
 
 
 def simulator_args(serve_args: Sequence[str], pod_ip: str) -> list[str]:
-    """Arguments of ``argosy-vllm-sim`` standing in for ``vllm serve`` (names, port, max length)."""
+    """Arguments of ``argosy-vllm-sim`` standing in for ``vllm serve`` (names, port, max length,
+    and what SIGTERM does: ``--shutdown-timeout``)."""
     argv = ["--host", pod_ip, "--port", _flag_value(serve_args, "--port") or "8000"]
     for name in served_model_names(serve_args):
         argv += ["--model", name]
-    max_len = _flag_value(serve_args, "--max-model-len")
-    if max_len:
-        argv += ["--max-model-len", max_len]
+    for flag in ("--max-model-len", "--shutdown-timeout"):
+        value = _flag_value(serve_args, flag)
+        if value:
+            argv += [flag, value]
     return argv
 
 
@@ -529,6 +531,82 @@ def parse_probe(spec: Mapping[str, Any] | None, container: Mapping[str, Any], po
     if "grpc" in spec:
         return Probe("grpc", pod_ip, int(spec["grpc"]["port"]), **timing)  # type: ignore[arg-type]
     raise ContainerConfigError(f"probe {sorted(spec)} has no handler the sandbox knows")
+
+
+# -- termination (a pod with a deletionTimestamp) ---------------------------------------------
+
+# The API's default for spec.terminationGracePeriodSeconds.
+DEFAULT_TERMINATION_GRACE_SECONDS = 30
+# The kubelet's minimumGracePeriodInSeconds: after a preStop hook, a container still gets this long
+# between SIGTERM and SIGKILL, however long the hook took.
+MINIMUM_STOP_GRACE_SECONDS = 2
+_LOOPBACK = re.compile(r"(?<![\w.])(127\.0\.0\.1|localhost)(?![\w.])")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreStopHook:
+    """A container's lifecycle.preStop handler, ready to run."""
+
+    action: Literal["exec", "httpGet", "sleep"]
+    probe: Probe | None = None
+    """exec and httpGet run like a probe of that kind, with the grace period as their timeout."""
+    seconds: float = 0.0
+    """The sleep action's length (at most the grace period)."""
+
+    def describe(self) -> str:
+        if self.probe is None:
+            return f"sleep {self.seconds:g}s"
+        if self.action == "exec":
+            return "exec " + " ".join(self.probe.command)[:120]
+        return f"httpGet {self.probe.scheme.lower()}://{self.probe.host}:{self.probe.port}{self.probe.path}"
+
+
+def termination_grace_seconds(pod: Mapping[str, Any]) -> int:
+    """How long the pod's containers get from the start of their preStop hooks to SIGKILL.
+
+    The delete call's grace (metadata.deletionGracePeriodSeconds) when the API server set one,
+    else spec.terminationGracePeriodSeconds, else the API's default of 30 s.
+    """
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    for value in (metadata.get("deletionGracePeriodSeconds"), spec.get("terminationGracePeriodSeconds")):
+        if value is not None:
+            return max(0, int(value))
+    return DEFAULT_TERMINATION_GRACE_SECONDS
+
+
+def pod_loopback(text: str, pod_ip: str) -> str:
+    """``127.0.0.1`` and ``localhost`` in a command run inside the pod name the pod's own address.
+
+    A container's loopback is its pod's network namespace; here every pod shares the machine's,
+    and the pod's servers listen on the pod IP.
+    """
+    return _LOOPBACK.sub(pod_ip, text)
+
+
+def pre_stop_hook(container: Mapping[str, Any], pod_ip: str, grace_seconds: float) -> PreStopHook | None:
+    """The container's preStop hook, or None when it has none (or only a tcpSocket one, which the
+    kubelet accepts for compatibility and never runs)."""
+    handler = (container.get("lifecycle") or {}).get("preStop")
+    if not handler or set(handler) == {"tcpSocket"}:
+        return None
+    if "sleep" in handler:
+        seconds = float((handler["sleep"] or {}).get("seconds", 0))
+        return PreStopHook("sleep", seconds=max(0.0, min(seconds, grace_seconds)))
+    if "exec" not in handler and "httpGet" not in handler:
+        raise ContainerConfigError(f"preStop {sorted(handler)} has no handler the sandbox knows")
+    probe = parse_probe(handler, container, pod_ip)
+    assert probe is not None
+    probe = dataclasses.replace(
+        probe, timeout=float(grace_seconds), command=tuple(pod_loopback(part, pod_ip) for part in probe.command)
+    )
+    return PreStopHook("exec" if probe.kind == "exec" else "httpGet", probe=probe)
+
+
+def stop_grace_after_hook(grace_seconds: float, hook_seconds: float) -> float:
+    """Seconds between SIGTERM and SIGKILL: what the preStop hook left of the grace period, and at
+    least the kubelet's minimum."""
+    return max(float(MINIMUM_STOP_GRACE_SECONDS), grace_seconds - hook_seconds)
 
 
 # -- restarts ----------------------------------------------------------------------------------
@@ -704,6 +782,17 @@ podIPs:
 phase: Running
 startTime: {{ $now | Quote }}
 """
+
+
+def kwok_pod_delete_stage(stock_pod_delete: Mapping[str, Any]) -> dict[str, Any]:
+    """kwok's pod-delete stage (remove the object as soon as it has a deletionTimestamp), limited to
+    pods the runner does not own. The runner's pods go as a kubelet lets them go: preStop hooks,
+    SIGTERM, the grace period, then the runner deletes the object with grace 0."""
+    stage: dict[str, Any] = json.loads(json.dumps(stock_pod_delete))
+    stage["spec"]["selector"]["matchExpressions"].append(
+        {"key": OWNED_EXPRESSION, "operator": "NotIn", "values": ["true"]}
+    )
+    return stage
 
 
 def kwok_pod_stages(stock_pod_ready: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -11,7 +11,11 @@ Ready) and this runner takes over, as a kubelet would:
 - a container that exits, or fails its liveness probe, is restarted with a shortened
   CrashLoopBackOff and counted in ``restartCount``;
 - stdout/stderr go to CRI-format files that kwok serves to ``kubectl logs``;
-- the pod's status (Ready/ContainersReady, containerStatuses) is written by the runner.
+- the pod's status (Ready/ContainersReady, containerStatuses) is written by the runner;
+- a pod that gets a deletionTimestamp is stopped as a kubelet stops it: each container's
+  preStop hook, SIGTERM to its main process, SIGKILL when the grace period is over, and only
+  then the runner deletes the pod object (grace 0; kwok's own delete stage leaves these pods
+  alone).
 
 It runs once per sandbox (``sandbox up`` starts it, ``down`` stops it), watching pods with
 lightkube. What stands in for what is decided in kubelet_plan (pure) and listed in
@@ -88,6 +92,17 @@ async def kill_group(pid: int, grace: float) -> None:
             await asyncio.sleep(0.1)
 
 
+async def stop_main_process(process: asyncio.subprocess.Process, grace: float) -> None:
+    """What the container runtime does on StopContainer: SIGTERM to the container's main process
+    only, up to ``grace`` seconds for it to exit, then SIGKILL to everything left in the container."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_exit_of(process), grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How one container's process is started."""
@@ -142,6 +157,8 @@ class ContainerRunner:
             started = time.monotonic()
             started_at = now_rfc3339()
             reason = await self._run_once(launch, restarts, started_at)
+            if self.pod.terminating:  # a container of a pod being deleted is not restarted
+                return
             if time.monotonic() - started >= plan.BACKOFF_RESET_AFTER_SECONDS:
                 crashes = 0
             crashes += 1
@@ -216,6 +233,37 @@ class ContainerRunner:
         if self.process is not None and self.process.returncode is None:
             await kill_group(self.process.pid, STOP_GRACE_SECONDS)
 
+    async def terminate(self, grace: int) -> None:
+        """The kubelet's killContainer: the preStop hook (bounded by the grace period), then SIGTERM,
+        then SIGKILL once what the hook left of the grace period is over."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        began = time.monotonic()
+        try:
+            hook = plan.pre_stop_hook(self.spec, self.pod.facts.pod_ip, grace)
+        except plan.ContainerConfigError as error:
+            self._write_log(f"sandbox: preStop hook not run: {error}\n".encode(), "stderr")
+            hook = None
+        if hook is not None and grace > 0:
+            self._write_log(f"sandbox: pod deleted; preStop hook {hook.describe()} (at most {grace}s)\n".encode(),
+                            "stderr")
+            outcome = await self._pre_stop(hook)
+            self._write_log(f"sandbox: preStop hook {outcome} after {time.monotonic() - began:.1f}s\n".encode(),
+                            "stderr")
+        stop_grace = plan.stop_grace_after_hook(grace, time.monotonic() - began)
+        if process.returncode is None:
+            self._write_log(f"sandbox: SIGTERM; SIGKILL in {stop_grace:.0f}s if still running\n".encode(), "stderr")
+            log.info("%s/%s container %s: SIGTERM (grace %.0fs)", self.pod.facts.namespace, self.pod.facts.name,
+                     self.name, stop_grace)
+            await stop_main_process(process, stop_grace)
+
+    async def _pre_stop(self, hook: plan.PreStopHook) -> str:
+        if hook.probe is None:
+            await asyncio.sleep(hook.seconds)
+            return "slept"
+        return "succeeded" if await self._check(hook.probe) else "failed"
+
     # -- logs -----------------------------------------------------------------------------------
 
     def log_files(self) -> tuple[str, str] | None:
@@ -267,7 +315,8 @@ class ContainerRunner:
             await asyncio.sleep(liveness.initial_delay)  # type: ignore[union-attr]
             failures = 0
             while True:
-                ok = await self._check(liveness)  # type: ignore[arg-type]
+                # The kubelet stops liveness probes of a pod being deleted (readiness goes on).
+                ok = self.pod.terminating or await self._check(liveness)  # type: ignore[arg-type]
                 failures = 0 if ok else failures + 1
                 if failures >= liveness.failure_threshold:  # type: ignore[union-attr]
                     return f"liveness probe failed {failures} times"
@@ -344,6 +393,7 @@ class PodWorker:
             runner.state = dataclasses.replace(runner.state, restart_count=count)
             self.containers.append(runner)
         self._dirty = asyncio.Event()
+        self.terminating = False
         self._tasks: list[asyncio.Task[None]] = []
         self._kubeconfig: Path | None = None
 
@@ -357,6 +407,16 @@ class PodWorker:
             task.cancel()
         await asyncio.gather(*(c.stop() for c in self.containers), return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def terminate(self) -> None:
+        """The pod got its deletionTimestamp: stop its containers in parallel, each within the pod's
+        grace period, then remove the pod object (grace 0, this incarnation only), as the kubelet does."""
+        self.terminating = True
+        grace = plan.termination_grace_seconds(self.pod)
+        log.info("terminating pod %s/%s (grace %ds)", self.facts.namespace, self.facts.name, grace)
+        await asyncio.gather(*(c.terminate(grace) for c in self.containers), return_exceptions=True)
+        await self.stop()
+        await self.kubelet.delete_now(self.facts)
 
     def status_changed(self) -> None:
         self._dirty.set()
@@ -461,6 +521,8 @@ class PodWorker:
             **base, **env, **runtime.runtime_env(),
             "VLLM_HOST_IP": self.facts.pod_ip,
             "HF_HUB_OFFLINE": "1",
+            # The image's python3 (the one vLLM is installed in) for its hooks and exec probes.
+            "PATH": env.get("PATH") or f"{runtime.runtime_python().parent}:{base['PATH']}",
         }
         notes = ["vLLM's CPU build runs this pod's `vllm serve`", *real.substitutions]
         return Launch(argv=[*runtime.vllm_command(), "serve", *real.args], env=vllm_env, notes=notes)
@@ -493,6 +555,7 @@ class Kubelet:
         self.server = str(cluster["server"])
         self.ca_data = str(cluster["certificate-authority-data"])
         self.workers: dict[str, PodWorker] = {}
+        self.terminations: dict[str, asyncio.Task[None]] = {}
         self.synced = False
         self._runtime_lock = asyncio.Lock()
         self._logs_resource: Any = None
@@ -516,6 +579,9 @@ class Kubelet:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for termination in self.terminations.values():
+                termination.cancel()
+            await asyncio.gather(*self.terminations.values(), return_exceptions=True)
             await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
             await self.http.close()
             await site.cleanup()
@@ -579,6 +645,9 @@ class Kubelet:
         uid = pod["metadata"]["uid"]
         status = pod.get("status") or {}
         worker = self.workers.get(uid)
+        if event != "DELETED" and pod["metadata"].get("deletionTimestamp") and plan.runs_containers(pod):
+            self._terminate(uid, pod)
+            return
         gone = event == "DELETED" or bool(pod["metadata"].get("deletionTimestamp")) or status.get("phase") in (
             "Succeeded", "Failed")
         if gone:
@@ -594,6 +663,49 @@ class Kubelet:
             self.workers[uid] = worker
             log.info("running pod %s/%s on %s", worker.facts.namespace, worker.facts.name, worker.facts.pod_ip)
             worker.start()
+
+    def _terminate(self, uid: str, pod: dict[str, Any]) -> None:
+        """Stop a deleted pod's containers in the background (a drain takes up to its grace period)."""
+        if uid in self.terminations:
+            return
+        worker = self.workers.get(uid)
+        if worker is not None:
+            worker.pod = pod
+            job = worker.terminate()
+        else:  # nothing runs for it (not started yet, or a pod runner restarted): only the object is left
+            job = self.delete_now(plan.PodFacts.of(pod))
+
+        async def run() -> None:
+            try:
+                await job
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("terminating pod %s failed", uid)
+            finally:
+                self.workers.pop(uid, None)
+                self.terminations.pop(uid, None)
+
+        self.terminations[uid] = asyncio.create_task(run())
+
+    async def delete_now(self, facts: plan.PodFacts) -> None:
+        """Remove the pod object once its containers are gone: grace 0, with a UID precondition so a
+        same-named successor (a StatefulSet's) is never touched."""
+        from lightkube.core.exceptions import ApiError
+        from lightkube.resources.core_v1 import Pod
+
+        # lightkube's delete() sends no DeleteOptions body, where preconditions live: its generic client does.
+        generic = self.client._client
+        request = generic.prepare_request("delete", res=Pod, name=facts.name, namespace=facts.namespace)
+        request.data = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                        "preconditions": {"uid": facts.uid}}
+        try:
+            response = await generic.send(generic.build_adapter_request(request))
+            generic.handle_response("delete", response, request)
+        except ApiError as error:
+            if error.status.code not in (404, 409):
+                raise
+        log.info("deleted pod %s/%s", facts.namespace, facts.name)
 
     async def _drop(self, uid: str) -> None:
         worker = self.workers.pop(uid, None)

@@ -44,6 +44,12 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     parser.add_argument(
         "--enable-prompt-tokens-details", action="store_true", help="usage.prompt_tokens_details.cached_tokens"
     )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=0.0,
+        help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N waits up to N s for them",
+    )
     args = parser.parse_args(argv)
     try:
         return SimConfig(
@@ -60,6 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
             block_size=args.block_size,
             kv_cache_tokens=args.kv_cache_tokens,
             prompt_tokens_details=args.enable_prompt_tokens_details,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except ValueError as err:
         parser.error(str(err))

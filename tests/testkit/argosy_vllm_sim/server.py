@@ -58,13 +58,16 @@ class SimConfig:
     embedding_dim: int = DEFAULT_EMBEDDING_DIM
     # vLLM's --enable-prompt-tokens-details: usage.prompt_tokens_details.cached_tokens (else null).
     prompt_tokens_details: bool = False
+    # vLLM's --shutdown-timeout: on SIGTERM, 0 (vLLM's default) aborts the requests in flight; N > 0
+    # stops taking new ones and gives those in flight up to N seconds to finish.
+    shutdown_timeout: float = 0.0
     model_created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
         if not self.models:
             raise ValueError("the simulator needs at least one model name")
-        if min(self.ttft_ms, self.itl_ms, self.prefill_ms_per_token) < 0:
+        if min(self.ttft_ms, self.itl_ms, self.prefill_ms_per_token, self.shutdown_timeout) < 0:
             raise ValueError("delays cannot be negative")
         if self.max_num_seqs < 1 or self.block_size < 1 or self.max_model_len < 2:
             raise ValueError("max_num_seqs, block_size and max_model_len must be positive")
@@ -500,8 +503,9 @@ class SimServer:
         await self.stop()
 
 
-async def serve_forever(config: SimConfig, ready_message: bool = True, drain_seconds: float = 5.0) -> None:
-    """Serve until SIGINT or SIGTERM, then give requests in flight `drain_seconds` to finish."""
+async def serve_forever(config: SimConfig, ready_message: bool = True) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down as vLLM does: stop listening and abort what is in
+    flight, or with `config.shutdown_timeout` > 0 give it that long to finish."""
     import signal
 
     stop = asyncio.Event()
@@ -509,7 +513,7 @@ async def serve_forever(config: SimConfig, ready_message: bool = True, drain_sec
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    async with SimServer(config, shutdown_timeout=drain_seconds) as server:
+    async with SimServer(config, shutdown_timeout=config.shutdown_timeout) as server:
         if ready_message:
             print(f"argosy-vllm-sim serving {', '.join(config.models)} on {server.url}", flush=True)
         await stop.wait()

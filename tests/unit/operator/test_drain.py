@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 from argosy_operator import builders
@@ -68,3 +69,49 @@ def test_pods_get_the_grace_period_and_the_hook() -> None:
     hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert hook == drain_command(900)
     assert "deadline = time.monotonic() + 895" in hook[2]
+
+
+async def test_a_group_worker_waits_for_its_leaders_streams_and_the_leader_for_its_own() -> None:
+    """The whole group is deleted at once: a worker that stopped first would fail the leader's
+    requests. The group's real hook script runs under /bin/sh, with the leader's DNS name pointed
+    at a simulator on 127.0.0.2 (no DNS here) and the 5 s start wait left out."""
+    from argosy_operator import group_builders as gb
+
+    server = ServerInputs(
+        name="big", namespace="ns", owner_uid="u", model_uri="hf://o/m", served_model_names=("big",), replicas=1,
+        image="vllm/vllm-openai:v0", tensor_parallel_size=8, pipeline_parallel_size=2, max_model_len=None,
+        gpu_memory_utilization=0.9, pods_per_replica=2, termination_grace_period_seconds=60,
+    )
+    inputs = gb.GroupInputs(server=server, index=0, executor="mp", master_port=29500)
+    [sts] = [o for o in gb.build_groups(server) if o["kind"] == "StatefulSet"]
+    spec = sts["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 60
+    command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"]
+    config = SimConfig(models=("big",), host="127.0.0.2", port=0, itl_ms=50)
+    async with SimServer(config) as leader, aiohttp.ClientSession() as http:
+        script = (command[2].replace(inputs.leader_address, "127.0.0.2").replace(f":{builders.SERVER_PORT}/",
+                  f":{leader.port}/").replace(f"time.sleep({builders.DRAIN_START_SECONDS})", "time.sleep(0)"))
+
+        async def hook(rank: int) -> float:
+            """Runs the hook as the given rank; when it returned (monotonic)."""
+            env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", gb.NODE_RANK_ENV: str(rank)}
+            process = await asyncio.create_subprocess_exec("/bin/sh", "-c", script, env=env)
+            assert await asyncio.wait_for(process.wait(), 60) == 0
+            return time.monotonic()
+
+        body = {"model": "big", "prompt": "hi", "max_tokens": 80, "stream": True}  # 4 s
+
+        async def stream() -> float:
+            async with http.post(f"{leader.url}/v1/completions", json=body) as response:
+                assert b"[DONE]" in await response.read()
+            return time.monotonic()
+
+        streams = [asyncio.create_task(stream()) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        # The leader's own vLLM (127.0.0.1:<port>) is not there: nothing to wait for. The worker
+        # waits on the leader's, which is busy.
+        leader_done, worker_done = await asyncio.gather(hook(0), hook(1))
+        streams_done = max(await asyncio.gather(*streams))
+    assert leader_done < streams_done
+    assert worker_done >= streams_done - 0.1  # it returned only once the leader's streams had ended

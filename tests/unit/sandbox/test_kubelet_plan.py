@@ -264,3 +264,80 @@ def test_the_operators_chat_template_mount_reaches_vllm() -> None:
     template_arg = argv[argv.index("--chat-template") + 1]
     rewritten = plan.rewrite_mount_paths(template_arg, {mount_path: "/local"})
     assert rewritten.startswith("/local/") and rewritten.removeprefix("/local/") in files
+
+
+# -- termination --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("metadata", "spec", "grace"),
+    [
+        ({"deletionGracePeriodSeconds": 7}, {"terminationGracePeriodSeconds": 300}, 7),  # the delete call's own
+        ({}, {"terminationGracePeriodSeconds": 300}, 300),
+        ({"deletionGracePeriodSeconds": 0}, {"terminationGracePeriodSeconds": 300}, 0),  # --grace-period=0
+        ({}, {}, 30),  # the API's default
+    ],
+)
+def test_the_grace_period_is_the_delete_calls_then_the_pods(metadata: dict, spec: dict, grace: int) -> None:
+    assert plan.termination_grace_seconds({"metadata": metadata, "spec": spec}) == grace
+
+
+def test_pre_stop_exec_runs_in_the_pod_with_its_loopback_at_the_pod_ip() -> None:
+    script = "urllib.request.urlopen('http://127.0.0.1:8000/metrics'); open('/tmp/localhost.log')"
+    container = {"name": "vllm", "lifecycle": {"preStop": {"exec": {"command": ["python3", "-c", script]}}}}
+    hook = plan.pre_stop_hook(container, POD_IP, 300)
+    assert hook is not None and hook.action == "exec" and hook.probe is not None
+    assert hook.probe.command == (
+        "python3", "-c", f"urllib.request.urlopen('http://{POD_IP}:8000/metrics'); open('/tmp/localhost.log')")
+    assert hook.probe.timeout == 300  # the hook may take the whole grace period
+    assert plan.pod_loopback("curl localhost:8000 127.0.0.10 x.localhost", POD_IP) == (
+        f"curl {POD_IP}:8000 127.0.0.10 x.localhost")
+
+
+def test_pre_stop_http_get_sleep_and_tcp_socket() -> None:
+    container = {"name": "c", "ports": [{"name": "http", "containerPort": 8000}]}
+    get = plan.pre_stop_hook({**container, "lifecycle": {"preStop": {"httpGet": {"path": "/drain", "port": "http"}}}},
+                             POD_IP, 60)
+    assert get is not None and get.probe is not None
+    assert (get.action, get.probe.host, get.probe.port, get.probe.path, get.probe.timeout) == (
+        "httpGet", POD_IP, 8000, "/drain", 60)
+    assert get.describe() == f"httpGet http://{POD_IP}:8000/drain"
+    nap = plan.pre_stop_hook({**container, "lifecycle": {"preStop": {"sleep": {"seconds": 90}}}}, POD_IP, 60)
+    assert nap == plan.PreStopHook("sleep", seconds=60)  # never past the grace period
+    # tcpSocket is accepted by the API for compatibility and never run by the kubelet.
+    assert plan.pre_stop_hook({**container, "lifecycle": {"preStop": {"tcpSocket": {"port": 1}}}}, POD_IP, 60) is None
+    assert plan.pre_stop_hook(container, POD_IP, 60) is None
+    with pytest.raises(plan.ContainerConfigError, match="no handler"):
+        plan.pre_stop_hook({**container, "lifecycle": {"preStop": {"grpc": {"port": 1}}}}, POD_IP, 60)
+
+
+@pytest.mark.parametrize(("grace", "hook", "stop"), [(300, 12.5, 287.5), (30, 29.0, 2.0), (30, 45.0, 2.0), (0, 0, 2.0)])
+def test_sigterm_gets_what_the_hook_left_and_at_least_two_seconds(grace: int, hook: float, stop: float) -> None:
+    assert plan.stop_grace_after_hook(grace, hook) == stop
+
+
+def test_the_operators_serving_pod_drains_through_its_own_hook() -> None:
+    inputs = ServerInputs(
+        name="m", namespace="ns", owner_uid="u", model_uri="hf://o/m", served_model_names=("m",), replicas=1,
+        image="vllm/vllm-openai:v0.32.0", tensor_parallel_size=1, pipeline_parallel_size=1, max_model_len=None,
+        gpu_memory_utilization=0.9, termination_grace_period_seconds=120,
+    )
+    pod = {"metadata": {}, "spec": build_deployment(inputs)["spec"]["template"]["spec"]}
+    grace = plan.termination_grace_seconds(pod)
+    hook = plan.pre_stop_hook(pod["spec"]["containers"][0], POD_IP, grace)
+    assert grace == 120 and hook is not None and hook.probe is not None
+    assert hook.probe.command[0] == "python3" and f"http://{POD_IP}:8000/metrics" in hook.probe.command[2]
+
+
+def test_kwok_deletes_only_the_pods_the_runner_does_not_run() -> None:
+    stock = {"metadata": {"name": "pod-delete"}, "spec": {"selector": {"matchExpressions": [
+        {"key": ".metadata.deletionTimestamp", "operator": "Exists"}]}, "next": {"delete": True}}}
+    stage = plan.kwok_pod_delete_stage(stock)
+    assert stage["spec"]["selector"]["matchExpressions"][-1] == {
+        "key": plan.OWNED_EXPRESSION, "operator": "NotIn", "values": ["true"]}
+    assert stage["spec"]["next"] == {"delete": True} and len(stock["spec"]["selector"]["matchExpressions"]) == 1
+
+
+def test_the_simulator_shuts_down_as_the_pods_vllm_would() -> None:
+    args = plan.simulator_args(["m", "--port", "8000", "--shutdown-timeout", "30"], POD_IP)
+    assert args[-2:] == ["--shutdown-timeout", "30"]
+    assert "--shutdown-timeout" not in plan.simulator_args(["m", "--port", "8000"], POD_IP)
