@@ -22,6 +22,7 @@ from typing import Any
 
 import openai
 import pytest
+from argosy_sandbox import chart
 from argosy_sandbox.cluster import Sandbox, free_port
 from argosy_sandbox.podrunner import wait_for
 
@@ -338,7 +339,7 @@ def test_a_replica_spanning_two_nodes_is_a_group_served_through_its_leader(
         leader_ip = leader["status"]["podIP"]
         assert f"llama-405b-g0-0.llama-405b-g0.{namespace}.svc -> {leader_ip}" in worker_log
         assert f"joined the leader {leader_ip}:29500" in worker_log
-        assert _get_status(f"http://{worker['status']['podIP']}:8000/health") == 0
+        assert chart.http_status(f"http://{worker['status']['podIP']}:8000/health") == 0
         assert "group complete" in _runner_log(sandbox, namespace, "llama-405b-g0-0")
 
         # The gateway routes to the leader only: every answer comes from the leader's IP.
@@ -385,15 +386,6 @@ def test_a_replica_spanning_two_nodes_is_a_group_served_through_its_leader(
                         and _json(sandbox, namespace, "service", "llama-405b-g0") is None, 60)
         assert wait_for(lambda: status_for(gateway, "llama-405b") == 503, 30)
 
-
-def _get_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
 
 
 def _ready(url: str) -> bool:
