@@ -561,11 +561,22 @@ def resolve_cluster_names(text: str, records: Mapping[str, str]) -> str:
     return resolved
 
 
+def resolve_command(command: Sequence[str], records: Mapping[str, str]) -> list[str] | None:
+    """An exec probe's or hook's command with cluster names resolved as at the container's start;
+    None when a name has no address (the command fails, as its lookup would)."""
+    try:
+        return [resolve_cluster_names(part, records) for part in command]
+    except NameNotResolved:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ScriptLaunch:
     argv: list[str]
     env: dict[str, str]
     notes: list[str]
+    names: dict[str, str]
+    """The cluster names resolved for this start (exec probes and hooks resolve with them too)."""
 
 
 def script_launch(argv: Sequence[str], env: Mapping[str, str], records: Mapping[str, str]) -> ScriptLaunch:
@@ -582,7 +593,7 @@ def script_launch(argv: Sequence[str], env: Mapping[str, str], records: Mapping[
         if value is not None and value != SANDBOX_INTERFACE:
             resolved_env[variable] = SANDBOX_INTERFACE
             notes.append(f"{variable} {value} -> {SANDBOX_INTERFACE} (pods share this machine's loopback interface)")
-    return ScriptLaunch(argv=resolved_argv, env=resolved_env, notes=notes)
+    return ScriptLaunch(argv=resolved_argv, env=resolved_env, notes=notes, names=dict(records))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,6 +95,8 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     notes: list[str]
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Cluster DNS names resolved for this start: exec probes (and hooks) use them too."""
 
 
 class ContainerRunner:
@@ -109,6 +111,7 @@ class ContainerRunner:
         self.process: asyncio.subprocess.Process | None = None
         self.log_dir = pod.directory / self.name
         self.env: dict[str, str] = {}
+        self.names: dict[str, str] = {}
         if self.kind is None:
             # An image the sandbox cannot run: shown as running (kwok's behaviour), no process.
             self.state = dataclasses.replace(self.state, ready=True, started=True, running_since=now_rfc3339())
@@ -161,6 +164,7 @@ class ContainerRunner:
         for note in launch.notes:
             self._write_log(f"sandbox: {note}\n".encode(), "stderr")
         self.env = launch.env
+        self.names = launch.names
         process = await asyncio.create_subprocess_exec(
             *launch.argv,
             env=launch.env,
@@ -313,8 +317,11 @@ class ContainerRunner:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
                 writer.close()
                 return True
+            command = plan.resolve_command(probe.command, self.names)
+            if command is None:
+                return False
             process = await asyncio.create_subprocess_exec(
-                *probe.command, env=self.env, cwd=self.pod.directory, stdin=asyncio.subprocess.DEVNULL,
+                *command, env=self.env, cwd=self.pod.directory, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
             )
             try:
@@ -495,7 +502,7 @@ class PodWorker:
             (tools / name).write_text(text)
             (tools / name).chmod(0o755)
         launch_env = {**base, **script.env, **extra, **image.env(), "PATH": f"{tools}:{base['PATH']}"}
-        return Launch(argv=script.argv, env=launch_env, notes=script.notes)
+        return Launch(argv=script.argv, env=launch_env, notes=script.notes, names=script.names)
 
     async def _service_account_kubeconfig(self) -> Path:
         if self._kubeconfig is not None:

@@ -98,6 +98,14 @@ def test_an_unresolved_cluster_name_fails_the_start_instead_of_reaching_a_resolv
     assert issubclass(plan.NameNotResolved, plan.ContainerConfigError)  # retried with backoff
 
 
+def test_exec_probes_and_hooks_resolve_names_as_the_container_did() -> None:
+    records = {LEADER_NAME: LEADER_IP}
+    command = ["/bin/sh", "-c", f"exec python3 drain.py --host {LEADER_NAME}"]
+    assert plan.resolve_command(command, records) == ["/bin/sh", "-c", f"exec python3 drain.py --host {LEADER_IP}"]
+    assert plan.resolve_command(command, {}) is None  # fails, as the lookup would
+    assert plan.resolve_command(["true"], {}) == ["true"]
+
+
 def test_the_worker_script_runs_as_written_with_the_leaders_ip_and_the_loopback_interface() -> None:
     container = gb.build_group_statefulset(GROUP)["spec"]["template"]["spec"]["containers"][0]
     argv = plan.container_argv(container, "vllm", {})
@@ -111,6 +119,7 @@ def test_the_worker_script_runs_as_written_with_the_leaders_ip_and_the_loopback_
     assert launch.env == {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", "VLLM_HOST_IP": WORKER_IP}
     assert f"{LEADER_NAME} -> {LEADER_IP} (the sandbox has no cluster DNS)" in launch.notes
     assert any(n.startswith("NCCL_SOCKET_IFNAME eth0 -> lo") for n in launch.notes)
+    assert launch.names[LEADER_NAME] == LEADER_IP
 
 
 def _serve(rank: int) -> list[str]:
