@@ -318,6 +318,7 @@ def rollout_view(plan: GroupPlan, desired: int) -> status.RolloutView:
         replicas=plan.existing_groups,
         updated_replicas=min(plan.current_groups, desired),
         available_replicas=plan.ready_groups,
+        workload="the StatefulSets" if plan.existing_groups != 1 else "the StatefulSet",
     )
 
 

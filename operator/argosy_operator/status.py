@@ -50,6 +50,8 @@ class RolloutView:
     updated_replicas: int
     available_replicas: int
     deadline_exceeded: bool = False
+    workload: str = "the Deployment"
+    """What runs the replicas, as the messages name it ("the StatefulSets" for groups)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +191,7 @@ def _progressing(inputs: StatusInputs, live: Sequence[PodView], ready: int) -> d
     if d is None:
         return _condition(PROGRESSING, True, "Creating", "creating the serving Deployment")
     if d.observed_generation < d.generation:
-        return _condition(PROGRESSING, True, "RollingOut", "the Deployment is picking up the new spec")
+        return _condition(PROGRESSING, True, "RollingOut", f"the new spec is reaching {d.workload}")
     if d.replicas > d.updated_replicas:
         return _condition(PROGRESSING, True, "RollingOut",
                           f"{min(d.updated_replicas, desired)}/{desired} replicas run the current spec")

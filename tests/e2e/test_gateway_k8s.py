@@ -7,6 +7,7 @@ calls the gateway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,12 +22,14 @@ from typing import Any
 
 import openai
 import pytest
+from argosy_sandbox import chart
 from argosy_sandbox.cluster import Sandbox, free_port
 from argosy_sandbox.podrunner import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240), pytest.mark.usefixtures("crd")]
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # Inline config.json facts (an 8B, Llama-shaped model), so the operator never looks anything up
@@ -223,25 +226,31 @@ def test_discovery_follows_serving_pods_and_llmdeployments(
     assert status_for(gateway, "solo") == 503
 
 
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, namespace: str, log_path: Path) -> Iterator[Path]:
+    """`argosy-operator run` for one namespace (no hub lookups: traffic stays on loopback)."""
+    env = {**os.environ, "ARGOSY_OPERATOR_HUB_LOOKUP": "false", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    with log_path.open("wb") as log:
+        operator = subprocess.Popen(
+            [str(BIN / "argosy-operator"), "run", "--kubeconfig", str(kubeconfig), "--namespace", namespace,
+             "--metrics-port", str(free_port())],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        try:
+            yield log_path
+        finally:
+            operator.terminate()
+            try:
+                operator.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+                operator.wait()
+
+
 def test_operator_and_gateway_serve_two_models_and_follow_scaling(
     sandbox: Sandbox, kubeconfig: Path, namespace: str, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
-    operator_log = (tmp_path / "operator.log").open("wb")
-    operator = subprocess.Popen(
-        [
-            str(BIN / "argosy-operator"),
-            "run",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--namespace",
-            namespace,
-            "--metrics-port",
-            str(free_port()),
-        ],
-        stdout=operator_log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with operator_process(kubeconfig, namespace, tmp_path / "operator.log") as operator_log:
         for name, policy in (("alpha", None), ("beta", "prefix-affinity")):
             body = json.dumps(llm_deployment(name, policy=policy))
             sandbox.kubectl("apply", "-n", namespace, "-f", "-", input=body)
@@ -249,7 +258,7 @@ def test_operator_and_gateway_serve_two_models_and_follow_scaling(
         def both_served() -> bool:
             return served_by(gateway, "alpha") is not None and served_by(gateway, "beta") is not None
 
-        assert wait_for(both_served, 90, interval=0.5), (tmp_path / "operator.log").read_text()[-3000:]
+        assert wait_for(both_served, 90, interval=0.5), operator_log.read_text()[-3000:]
         alpha_endpoint, beta_endpoint = served_by(gateway, "alpha"), served_by(gateway, "beta")
         assert alpha_endpoint != beta_endpoint
         assert gateway.models()["beta"]["policy"] == "prefix-affinity"
@@ -262,14 +271,121 @@ def test_operator_and_gateway_serve_two_models_and_follow_scaling(
         scaled_at = time.monotonic()
         assert wait_for(lambda: served_by(gateway, "alpha") is not None, 60, interval=0.25)
         print(f"alpha served again {time.monotonic() - scaled_at:.1f} s after scaling back to 1")
-    finally:
-        operator.terminate()
-        try:
-            operator.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            operator.kill()
-            operator.wait()
-        operator_log.close()
+
+
+def _json(sandbox: Sandbox, namespace: str, *what: str) -> Any:
+    result = sandbox.kubectl("get", *what, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def _group_pods(sandbox: Sandbox, namespace: str) -> list[dict[str, Any]]:
+    found = _json(sandbox, namespace, "pods", "-l", "argosy.dev/deployment=llama-405b") or {"items": []}
+    return sorted((p for p in found["items"] if not p["metadata"].get("deletionTimestamp")),
+                  key=lambda p: p["metadata"]["name"])
+
+
+def _runner_log(sandbox: Sandbox, namespace: str, pod: str) -> str:
+    return sandbox.kubectl("logs", "-n", namespace, pod, "--tail=40", check=False).stdout
+
+
+def test_a_replica_spanning_two_nodes_is_a_group_served_through_its_leader(
+    sandbox: Sandbox, kubeconfig: Path, namespace: str, gateway: GatewayProcess, tmp_path: Path,
+) -> None:
+    """The 405B example: tensor 8 x pipeline 2 on the sandbox's two 8 x H100 nodes. The pod runner runs
+    both pods' own `/bin/sh -c` scripts with the simulator as the image's `vllm` (the default backend)."""
+    example = REPO / "manifests" / "examples" / "llama-405b-multi-node.yaml"
+    sandbox.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=token=unused")
+    with operator_process(kubeconfig, namespace, tmp_path / "operator.log") as operator_log:
+        sandbox.kubectl("apply", "-n", namespace, "-f", str(example))
+
+        def group_ready() -> dict[str, Any] | None:
+            lld = _json(sandbox, namespace, "llmdeployment", "llama-405b")
+            groups = ((lld or {}).get("status") or {}).get("groups") or []
+            complete = groups and all(g["ready"] for g in groups) and len(_group_pods(sandbox, namespace)) == 2
+            return lld if complete else None
+
+        def why() -> str:
+            pods = {p["metadata"]["name"]: _runner_log(sandbox, namespace, p["metadata"]["name"])
+                    for p in _group_pods(sandbox, namespace)}
+            return operator_log.read_text()[-3000:] + "".join(f"\n--- {n}:\n{log}" for n, log in pods.items())
+
+        assert wait_for(lambda: group_ready() is not None, 120, interval=0.5), why()
+        lld = group_ready()
+        assert lld is not None
+        placement = lld["status"]["placement"]
+        assert (placement["tensorParallelSize"], placement["pipelineParallelSize"], placement["podsPerReplica"]) == (
+            8, 2, 2)
+        assert lld["status"]["groups"][0]["name"] == "llama-405b-g0"
+
+        leader, worker = _group_pods(sandbox, namespace)
+        assert (leader["metadata"]["name"], worker["metadata"]["name"]) == ("llama-405b-g0-0", "llama-405b-g0-1")
+        assert leader["spec"]["nodeName"] != worker["spec"]["nodeName"]  # one member per node
+        for pod in (leader, worker):
+            node = _json(sandbox, "default", "node", pod["spec"]["nodeName"])
+            assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+            assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+            assert pod["spec"]["containers"][0]["command"][:2] == ["/bin/sh", "-c"]  # the pods' own scripts ran
+        assert leader["metadata"]["labels"]["argosy.dev/role"] == "leader"
+        assert json.loads(leader["metadata"]["annotations"]["argosy.dev/served-model-names"]) == ["llama-405b"]
+        assert worker["metadata"]["labels"]["argosy.dev/role"] == "worker"
+        assert "argosy.dev/served-model-names" not in (worker["metadata"].get("annotations") or {})
+        headless = _json(sandbox, namespace, "service", "llama-405b-g0")
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+        sts = _json(sandbox, namespace, "statefulset", "llama-405b-g0")
+        assert sts["spec"]["updateStrategy"]["type"] == "OnDelete"
+        # The worker reached its leader through the leader's stable name, resolved to the leader's pod IP,
+        # and serves no HTTP: it is Ready by its connection to the leader (the exec probe).
+        worker_log = _runner_log(sandbox, namespace, "llama-405b-g0-1")
+        leader_ip = leader["status"]["podIP"]
+        assert f"llama-405b-g0-0.llama-405b-g0.{namespace}.svc -> {leader_ip}" in worker_log
+        assert f"joined the leader {leader_ip}:29500" in worker_log
+        assert chart.http_status(f"http://{worker['status']['podIP']}:8000/health") == 0
+        assert "group complete" in _runner_log(sandbox, namespace, "llama-405b-g0-0")
+
+        # The gateway routes to the leader only: every answer comes from the leader's IP.
+        leader_endpoint = f"{leader_ip}:8000"
+        assert wait_for(lambda: served_by(gateway, "llama-405b") is not None, 30), gateway.log_path.read_text()
+        assert {served_by(gateway, "llama-405b") for _ in range(5)} == {leader_endpoint}
+        assert gateway.models()["llama-405b"]["readyEndpoints"] == 1
+
+        # Deleting the worker restarts the whole group: a new leader pod too, and an Event.
+        sandbox.kubectl("delete", "pod", "llama-405b-g0-1", "-n", namespace, "--wait=false")
+        old_uids = {leader["metadata"]["uid"], worker["metadata"]["uid"]}
+
+        def restarted() -> bool:
+            pods = _group_pods(sandbox, namespace)
+            return len(pods) == 2 and not ({p["metadata"]["uid"] for p in pods} & old_uids) and bool(group_ready())
+
+        assert wait_for(restarted, 120, interval=0.5), why()
+        lld = group_ready()
+        assert lld is not None
+        (entry,) = lld["status"]["groups"]
+        assert entry["restarts"] >= 1 and entry["lastRestart"]["reason"] in ("MemberLost", "MemberReplaced")
+        events = _json(sandbox, namespace, "events", "--field-selector", "reason=GroupRestarted")
+        assert events["items"] and "llama-405b-g0" in events["items"][0]["message"]
+        assert wait_for(lambda: served_by(gateway, "llama-405b") is not None, 30)
+
+        # A spec change reaches the StatefulSet (OnDelete) and the operator replaces the group.
+        before = {p["metadata"]["uid"] for p in _group_pods(sandbox, namespace)}
+        sandbox.kubectl("patch", "llmdeployment", "llama-405b", "-n", namespace, "--type=merge",
+                        "-p", json.dumps({"spec": {"engine": {"maxModelLen": 4096}}}))
+
+        def replaced() -> bool:
+            pods = _group_pods(sandbox, namespace)
+            return (len(pods) == 2 and not ({p["metadata"]["uid"] for p in pods} & before)
+                    and all("4096" in p["spec"]["containers"][0]["args"] for p in pods) and bool(group_ready()))
+
+        assert wait_for(replaced, 120, interval=0.5), why()
+        lld = group_ready()
+        assert lld is not None and lld["status"]["groups"][0]["upToDate"] is True
+        assert lld["status"]["groups"][0]["lastRestart"]["reason"] == "SpecChanged"
+
+        # Scaling to zero removes the whole group.
+        sandbox.kubectl("scale", "llmdeployment/llama-405b", "-n", namespace, "--replicas=0")
+        assert wait_for(lambda: _json(sandbox, namespace, "statefulset", "llama-405b-g0") is None
+                        and _json(sandbox, namespace, "service", "llama-405b-g0") is None, 60)
+        assert wait_for(lambda: status_for(gateway, "llama-405b") == 503, 30)
+
 
 
 def _ready(url: str) -> bool:

@@ -15,7 +15,6 @@ import secrets
 import signal
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -74,16 +73,6 @@ class Serving:
     loaded_in: float
 
 
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
-
-
 def _serving_pod(sandbox: Sandbox, namespace: str) -> dict[str, Any] | None:
     found = [p for p in chart.pods(sandbox, namespace, f"argosy.dev/deployment={MODEL}")
              if not p["metadata"].get("deletionTimestamp")]
@@ -128,7 +117,7 @@ def serving(sandbox: Sandbox, release: Release) -> Serving:
             return Serving(pod, seen_loading, time.monotonic() - applied)
         pid = chart.container_pid(pod) if pod is not None else None
         if pid is not None and os.path.exists(f"/proc/{pid}"):
-            health = _get(f"http://{pod['status']['podIP']}:8000/health")  # type: ignore[index]
+            health = chart.http_status(f"http://{pod['status']['podIP']}:8000/health")  # type: ignore[index]
             current = _serving_pod(sandbox, release.models)
             seen_loading = seen_loading or (health != 200 and not chart.is_ready(current))
         time.sleep(1)
@@ -180,7 +169,7 @@ def test_the_serving_pod_runs_vllm_serve_with_exactly_the_operators_arguments(
     assert chart.cmdline(pid) == [*vllm_runtime.vllm_command(), "serve", *expected.args]
     print(f"vLLM was Ready {serving.loaded_in:.0f} s after kubectl apply")
     assert serving.seen_loading, "the pod was never seen NotReady while vLLM loaded"
-    assert _get(f"http://{pod['status']['podIP']}:8000/health") == 200
+    assert chart.http_status(f"http://{pod['status']['podIP']}:8000/health") == 200
 
 
 def test_the_openai_sdk_gets_answers_and_errors_from_vllm_through_the_gateway_pod(

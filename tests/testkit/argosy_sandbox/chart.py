@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,17 @@ def container_pid(pod: dict[str, Any], container: str | None = None) -> int | No
         if container in (None, status["name"]) and str(status.get("containerID", "")).startswith("sandbox://"):
             return int(status["containerID"].removeprefix("sandbox://"))
     return None
+
+
+def http_status(url: str) -> int:
+    """The status of a GET of `url`; 0 when nothing answers (a pod's server not listening)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
 
 
 def cmdline(pid: int) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,6 +52,8 @@ STATE_ENV = "ARGOSY_SANDBOX_STATE"
 POD_UID_ENV = "ARGOSY_SANDBOX_POD_UID"
 VLLM_SERVED_NAME_LABEL = "argosy.dev/deployment"
 WILDCARD_ADDRESS = "0.0.0.0"
+# vLLM's default --master-port (torch.distributed's customary store port).
+DEFAULT_MASTER_PORT = "29500"
 # The Dockerfiles' entry points (images/*/Dockerfile): ENTRYPOINT and CMD.
 ENTRY_POINTS: Mapping[ImageKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "argosy-operator": (("argosy-operator",), ("run",)),
@@ -378,7 +381,8 @@ def vllm_serve_args(serve_args: Sequence[str], pod_ip: str, model_dir: str) -> V
     --gpu-memory-utilization, --dtype, --kv-cache-dtype, pass-through args). Changed: the
     model (the first argument) becomes the stand-in model's directory; --quantization,
     --revision and --load-format are dropped; tensor/pipeline parallel sizes above 1 become
-    1; ``--host`` is the pod IP (vLLM listens on every address by default).
+    1, except in a group member (``--nnodes`` above 1), whose layout every member shares;
+    ``--host`` is the pod IP (vLLM listens on every address by default).
     """
     if not serve_args or serve_args[0].startswith("-"):
         raise ContainerConfigError("vllm serve needs the model as its first argument")
@@ -391,7 +395,7 @@ def vllm_serve_args(serve_args: Sequence[str], pod_ip: str, model_dir: str) -> V
             notes.append(f"dropped {flag} {value} ({why})")
     for flag, why in _ONE_ON_CPU.items():
         value = _flag_value(args, flag)
-        if value is not None and value != "1":
+        if value is not None and value != "1" and not is_group_member(args):
             _set_flag(args, flag, "1")
             notes.append(f"{flag} {value} -> 1 ({why})")
     host = _flag_value(args, "--host")
@@ -416,7 +420,27 @@ def simulator_args(serve_args: Sequence[str], pod_ip: str) -> list[str]:
         value = _flag_value(serve_args, flag)
         if value:
             argv += [flag, value]
+    if is_group_member(serve_args):
+        return [*argv, *_simulator_group_args(serve_args)]
     return argv
+
+
+def is_group_member(serve_args: Sequence[str]) -> bool:
+    """True for one member of a replica that spans nodes (``--nnodes`` above 1)."""
+    nnodes = _flag_value(serve_args, "--nnodes")
+    return nnodes is not None and nnodes.isdigit() and int(nnodes) > 1
+
+
+def _simulator_group_args(serve_args: Sequence[str]) -> list[str]:
+    """A group's leader waits for its members on the master port; a headless member holds a
+    connection to it instead of serving HTTP (what vLLM's torch.distributed ranks do)."""
+    address = _flag_value(serve_args, "--master-addr")
+    port = _flag_value(serve_args, "--master-port") or DEFAULT_MASTER_PORT
+    if "--headless" in serve_args:
+        if not address:
+            raise ContainerConfigError("a headless group member needs --master-addr (its leader)")
+        return ["--headless", "--leader", f"{address}:{port}"]
+    return ["--group-size", str(_flag_value(serve_args, "--nnodes")), "--group-port", port]
 
 
 def choose_backend(
@@ -445,6 +469,195 @@ def choose_backend(
 
 def _backend(value: str) -> Backend:
     return "real" if value == "real" else "none" if value == "none" else "simulator"
+
+
+# -- the vLLM image's shell scripts (replicas that span nodes) ------------------------------------
+
+# The programs a script of the vLLM image may call by name; the runner puts stand-ins for them first
+# on the container's PATH (image_tools).
+IMAGE_TOOLS = ("vllm", "python3")
+_SHELLS = ("sh", "bash")
+# What the `vllm` stand-in reads (image_vllm.py): set by the runner on the container's environment.
+IMAGE_BACKEND_ENV = "ARGOSY_SANDBOX_VLLM_BACKEND"
+IMAGE_POD_IP_ENV = "ARGOSY_SANDBOX_POD_IP"
+IMAGE_MODEL_DIR_ENV = "ARGOSY_SANDBOX_MODEL_DIR"
+IMAGE_VLLM_COMMAND_ENV = "ARGOSY_SANDBOX_VLLM_COMMAND"
+IMAGE_SIMULATOR_ENV = "ARGOSY_SANDBOX_SIMULATOR"
+# NCCL and Gloo open their sockets on these interfaces; pods here share the loopback interface.
+SOCKET_IFNAME_VARIABLES = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+SANDBOX_INTERFACE = "lo"
+CLUSTER_DOMAIN = "cluster.local"
+# A name under a cluster DNS zone: <...>.svc or <...>.svc.cluster.local.
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_CLUSTER_NAME = re.compile(rf"(?<![-.a-z0-9])(?:{_LABEL}\.)+svc(?:\.{re.escape(CLUSTER_DOMAIN)})?(?![-.a-z0-9])")
+
+
+def is_shell_script(argv: Sequence[str]) -> bool:
+    """``sh -c SCRIPT [NAME ARGS...]`` (what a group's pods run)."""
+    return len(argv) >= 3 and argv[0].rsplit("/", 1)[-1] in _SHELLS and argv[1] == "-c"
+
+
+def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(key) == value for key, value in selector.items())
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def pod_dns_records(pods: Sequence[Mapping[str, Any]], services: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The pod names cluster DNS would answer: ``<hostname>.<subdomain>.<ns>.svc[.cluster.local]`` -> pod IP.
+
+    As Kubernetes' DNS specification has it: a pod with ``spec.hostname`` and ``spec.subdomain``
+    (a StatefulSet's pods) has a name when a headless Service of that name in its namespace
+    selects it, and is Ready or the Service publishes not-ready addresses.
+    """
+    headless = {
+        (str(meta.get("namespace", "")), str(meta.get("name", ""))): spec
+        for service in services
+        for meta, spec in [(service.get("metadata") or {}, service.get("spec") or {})]
+        if spec.get("clusterIP") == "None"
+    }
+    records: dict[str, str] = {}
+    for pod in pods:
+        meta, spec, status = pod.get("metadata") or {}, pod.get("spec") or {}, pod.get("status") or {}
+        namespace, hostname, subdomain = str(meta.get("namespace", "")), spec.get("hostname"), spec.get("subdomain")
+        service = headless.get((namespace, str(subdomain)))
+        ip = status.get("podIP")
+        if not (hostname and service is not None and ip) or meta.get("deletionTimestamp"):
+            continue
+        if not _selects(service.get("selector") or {}, meta.get("labels") or {}):
+            continue
+        if not (service.get("publishNotReadyAddresses") or _pod_ready(pod)):
+            continue
+        name = f"{hostname}.{subdomain}.{namespace}.svc"
+        records[name] = records[f"{name}.{CLUSTER_DOMAIN}"] = str(ip)
+    return records
+
+
+class NameNotResolved(ContainerConfigError):
+    """A cluster DNS name in the container's command or environment has no address (yet)."""
+
+
+def resolve_cluster_names(text: str, records: Mapping[str, str]) -> str:
+    """Every cluster DNS name in ``text`` replaced by its address (the sandbox has no cluster DNS).
+
+    A name without a record raises NameNotResolved rather than reaching this machine's resolver:
+    the container fails to start and is retried with backoff, as a process whose lookup fails is.
+    """
+    missing: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(0)
+        if name not in records:
+            missing.append(name)
+            return name
+        return records[name]
+
+    resolved = _CLUSTER_NAME.sub(replace, text)
+    if missing:
+        raise NameNotResolved(
+            f"cannot resolve {', '.join(sorted(set(missing)))}: the sandbox resolves the names of pods "
+            "behind a headless Service once they have an IP (see docs/sandbox.md)")
+    return resolved
+
+
+def resolve_command(command: Sequence[str], records: Mapping[str, str]) -> list[str] | None:
+    """An exec probe's or hook's command with cluster names resolved as at the container's start;
+    None when a name has no address (the command fails, as its lookup would)."""
+    try:
+        return [resolve_cluster_names(part, records) for part in command]
+    except NameNotResolved:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptLaunch:
+    argv: list[str]
+    env: dict[str, str]
+    notes: list[str]
+    names: dict[str, str]
+    """The cluster names resolved for this start (exec probes and hooks resolve with them too)."""
+
+
+def script_launch(argv: Sequence[str], env: Mapping[str, str], records: Mapping[str, str]) -> ScriptLaunch:
+    """A vLLM image's shell script as written, with what stands in for cluster DNS and the pod network:
+    cluster names resolved to pod IPs in argv and env, and NCCL's and Gloo's socket interface the
+    loopback interface the pods share."""
+    resolved_argv = [resolve_cluster_names(part, records) for part in argv]
+    resolved_env = {name: resolve_cluster_names(value, records) for name, value in env.items()}
+    notes = ["the vLLM image's shell script runs as written; `vllm` and `python3` on its PATH are the sandbox's"]
+    names = sorted({m.group(0) for part in [*argv, *env.values()] for m in _CLUSTER_NAME.finditer(part)})
+    notes += [f"{name} -> {records[name]} (the sandbox has no cluster DNS)" for name in names]
+    for variable in SOCKET_IFNAME_VARIABLES:
+        value = resolved_env.get(variable)
+        if value is not None and value != SANDBOX_INTERFACE:
+            resolved_env[variable] = SANDBOX_INTERFACE
+            notes.append(f"{variable} {value} -> {SANDBOX_INTERFACE} (pods share this machine's loopback interface)")
+    return ScriptLaunch(argv=resolved_argv, env=resolved_env, notes=notes, names=dict(records))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageVllm:
+    """What the sandbox's `vllm` program (image_vllm.py) stands in with, for one container."""
+
+    backend: Backend
+    pod_ip: str
+    simulator: str
+    """The argosy-vllm-sim executable."""
+    model_dir: str = ""
+    vllm_command: tuple[str, ...] = ()
+    """The CPU runtime's `vllm` argv prefix (real backend)."""
+
+    def env(self) -> dict[str, str]:
+        return {
+            IMAGE_BACKEND_ENV: self.backend,
+            IMAGE_POD_IP_ENV: self.pod_ip,
+            IMAGE_SIMULATOR_ENV: self.simulator,
+            IMAGE_MODEL_DIR_ENV: self.model_dir,
+            IMAGE_VLLM_COMMAND_ENV: json.dumps(list(self.vllm_command)),
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ImageVllm:
+        try:
+            return cls(
+                backend=_backend(env[IMAGE_BACKEND_ENV]), pod_ip=env[IMAGE_POD_IP_ENV],
+                simulator=env[IMAGE_SIMULATOR_ENV], model_dir=env.get(IMAGE_MODEL_DIR_ENV, ""),
+                vllm_command=tuple(json.loads(env.get(IMAGE_VLLM_COMMAND_ENV) or "[]")),
+            )
+        except KeyError as missing:
+            raise ContainerConfigError(
+                f"the sandbox's vllm runs only inside a sandbox pod ({missing} not set)") from None
+
+
+def image_tools(python3: str, sandbox_python: str) -> dict[str, str]:
+    """The stand-ins for the vLLM image's programs: file name -> shell script."""
+    return {
+        "vllm": f'#!/bin/sh\nexec {shlex.quote(sandbox_python)} -m argosy_sandbox.image_vllm "$@"\n',
+        "python3": f'#!/bin/sh\nexec {shlex.quote(python3)} "$@"\n',
+    }
+
+
+def image_vllm_exec(argv: Sequence[str], image: ImageVllm) -> VllmServe:
+    """What the image's ``vllm ARGS`` runs: the CPU runtime's vLLM on the stand-in model, or the simulator.
+
+    ``args`` is the full argv to exec (program first)."""
+    serve = list(argv[1:]) if argv and argv[0] == "serve" else None
+    if image.backend == "simulator":
+        if serve is None:
+            raise ContainerConfigError(
+                f"the vLLM simulator stands in for `vllm serve` only, not `vllm {' '.join(argv)}`")
+        note = f"the vLLM simulator stands in for `vllm serve` ({BACKEND_KEY}=simulator)"
+        return VllmServe(args=[image.simulator, *simulator_args(serve, image.pod_ip)], substitutions=[note])
+    if not image.vllm_command:
+        raise ContainerConfigError("the vLLM CPU runtime's command is not set")
+    if serve is None:
+        return VllmServe(args=[*image.vllm_command, *argv], substitutions=[])
+    real = vllm_serve_args(serve, image.pod_ip, image.model_dir)
+    notes = ["vLLM's CPU build runs this `vllm serve`", *real.substitutions]
+    return VllmServe(args=[*image.vllm_command, "serve", *real.args], substitutions=notes)
 
 
 # -- Argosy's own images -------------------------------------------------------------------------

@@ -110,6 +110,8 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     notes: list[str]
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Cluster DNS names resolved for this start: exec probes (and hooks) use them too."""
 
 
 class ContainerRunner:
@@ -124,6 +126,7 @@ class ContainerRunner:
         self.process: asyncio.subprocess.Process | None = None
         self.log_dir = pod.directory / self.name
         self.env: dict[str, str] = {}
+        self.names: dict[str, str] = {}
         if self.kind is None:
             # An image the sandbox cannot run: shown as running (kwok's behaviour), no process.
             self.state = dataclasses.replace(self.state, ready=True, started=True, running_since=now_rfc3339())
@@ -178,6 +181,7 @@ class ContainerRunner:
         for note in launch.notes:
             self._write_log(f"sandbox: {note}\n".encode(), "stderr")
         self.env = launch.env
+        self.names = launch.names
         process = await asyncio.create_subprocess_exec(
             *launch.argv,
             env=launch.env,
@@ -362,8 +366,11 @@ class ContainerRunner:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(probe.host, probe.port), probe.timeout)
                 writer.close()
                 return True
+            command = plan.resolve_command(probe.command, self.names)
+            if command is None:
+                return False
             process = await asyncio.create_subprocess_exec(
-                *probe.command, env=self.env, cwd=self.pod.directory, stdin=asyncio.subprocess.DEVNULL,
+                *command, env=self.env, cwd=self.pod.directory, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
             )
             try:
@@ -500,22 +507,21 @@ class PodWorker:
         self, container: ContainerRunner, argv: list[str], base: dict[str, str], env: dict[str, str]
     ) -> Launch:
         serve = plan.split_vllm_serve(argv)
-        if serve is None:
-            raise plan.ContainerConfigError(f"the vLLM image runs only `vllm serve ...`, not {argv[:2]}")
+        if serve is None and not plan.is_shell_script(argv):
+            raise plan.ContainerConfigError(
+                f"the vLLM image runs `vllm serve ...` or a `/bin/sh -c` script, not {argv[:2]}")
         owner = await self.kubelet.owner_annotations(self.facts)
         labels = await self.kubelet.namespace_labels(self.facts.namespace)
         backend = plan.choose_backend(self.facts.annotations, owner, labels, self.kubelet.default_backend)
         if backend == "none":
             return Launch(argv=[], env={}, notes=[])
+        if serve is None:
+            return await self._launch_vllm_script(container, argv, base, env, backend)
         if backend == "simulator":
             sim = [str(BIN / "argosy-vllm-sim"), *plan.simulator_args(serve, self.facts.pod_ip)]
             note = f"the vLLM simulator stands in for `vllm serve` ({plan.BACKEND_KEY}=simulator)"
             return Launch(argv=sim, env={**base, **env}, notes=[note])
-        if not await self.kubelet.vllm_ready():
-            container.set(waiting_reason="ContainerCreating",
-                          waiting_message="installing vLLM's CPU runtime and making the stand-in model (first use; "
-                                          "progress in the sandbox's pod-runner.log)")
-        runtime, model_dir = await self.kubelet.vllm_runtime()
+        runtime, model_dir = await self._vllm_runtime(container)
         real = plan.vllm_serve_args(serve, self.facts.pod_ip, str(model_dir))
         vllm_env = {
             **base, **env, **runtime.runtime_env(),
@@ -526,6 +532,39 @@ class PodWorker:
         }
         notes = ["vLLM's CPU build runs this pod's `vllm serve`", *real.substitutions]
         return Launch(argv=[*runtime.vllm_command(), "serve", *real.args], env=vllm_env, notes=notes)
+
+    async def _vllm_runtime(self, container: ContainerRunner) -> tuple[Any, Path]:
+        if not await self.kubelet.vllm_ready():
+            container.set(waiting_reason="ContainerCreating",
+                          waiting_message="installing vLLM's CPU runtime and making the stand-in model (first use; "
+                                          "progress in the sandbox's pod-runner.log)")
+        return await self.kubelet.vllm_runtime()
+
+    async def _launch_vllm_script(
+        self, container: ContainerRunner, argv: list[str], base: dict[str, str], env: dict[str, str],
+        backend: plan.Backend,
+    ) -> Launch:
+        """A group member's `/bin/sh -c` script, run as written: cluster DNS names resolved to pod IPs, and
+        the image's `vllm` and `python3` on its PATH standing in with the CPU runtime or the simulator."""
+        script = plan.script_launch(argv, env, await self.kubelet.dns_records(self.facts.namespace))
+        simulator = str(BIN / "argosy-vllm-sim")
+        extra: dict[str, str] = {}
+        if backend == "real":
+            runtime, model_dir = await self._vllm_runtime(container)
+            image = plan.ImageVllm("real", self.facts.pod_ip, simulator, str(model_dir),
+                                   tuple(runtime.vllm_command()))
+            python3 = str(runtime.runtime_python())
+            extra = {**runtime.runtime_env(), "HF_HUB_OFFLINE": "1"}
+        else:
+            image = plan.ImageVllm("simulator", self.facts.pod_ip, simulator)
+            python3 = sys.executable
+        tools = self.directory / "image-bin" / container.name
+        tools.mkdir(parents=True, exist_ok=True)
+        for name, text in plan.image_tools(python3, sys.executable).items():
+            (tools / name).write_text(text)
+            (tools / name).chmod(0o755)
+        launch_env = {**base, **script.env, **extra, **image.env(), "PATH": f"{tools}:{base['PATH']}"}
+        return Launch(argv=script.argv, env=launch_env, notes=script.notes, names=script.names)
 
     async def _service_account_kubeconfig(self) -> Path:
         if self._kubeconfig is not None:
@@ -789,6 +828,14 @@ class Kubelet:
         except ApiError:
             return {}
         return dict(owner.metadata.annotations or {})
+
+    async def dns_records(self, namespace: str) -> dict[str, str]:
+        """The pod names cluster DNS would answer in `namespace` (kubelet_plan.pod_dns_records)."""
+        from lightkube.resources.core_v1 import Pod, Service
+
+        pods = [pod.to_dict() async for pod in self.client.list(Pod, namespace=namespace)]
+        services = [service.to_dict() async for service in self.client.list(Service, namespace=namespace)]
+        return plan.pod_dns_records(pods, services)
 
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
         from lightkube.core.exceptions import ApiError

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 import uvloop
 
+from argosy_vllm_sim import group
 from argosy_vllm_sim.server import SimConfig, serve_forever
 
 
-def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, SimConfig]:
     parser = argparse.ArgumentParser(
         prog="argosy-vllm-sim",
         description="A simulated vLLM OpenAI-compatible server (test and benchmark equipment).",
@@ -50,9 +51,17 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
         default=0.0,
         help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N waits up to N s for them",
     )
+    group = parser.add_argument_group(
+        "groups", "one member of a replica that spans nodes (vLLM's --nnodes): see argosy_vllm_sim/group.py")
+    group.add_argument("--group-size", type=int, default=1, help="leader: members, itself included")
+    group.add_argument("--group-port", type=int, default=29500, help="leader: where members join")
+    group.add_argument("--headless", action="store_true", help="a member without HTTP: joins --leader")
+    group.add_argument("--leader", help="headless member: the leader's HOST:PORT")
     args = parser.parse_args(argv)
+    if args.headless and not args.leader:
+        parser.error("--headless needs --leader HOST:PORT")
     try:
-        return SimConfig(
+        return args, SimConfig(
             models=tuple(args.model),
             host=args.host,
             port=args.port,
@@ -74,7 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    args, config = parse_args(argv)
+    if args.headless:
+        return uvloop.run(group.follow(args.leader, config.host))
+    if args.group_size > 1:
+        return uvloop.run(group.lead(config, args.group_size, args.group_port))
     uvloop.run(serve_forever(config))
     return 0
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from argosy_operator.groups import DesiredGroup, GroupPlan, plan_groups
+from argosy_operator.groups import DesiredGroup, GroupPlan, plan_groups, rollout_view
 
 NOW = datetime.datetime(2026, 12, 1, 10, 0, 0, tzinfo=datetime.UTC)
 NAMES = json.dumps(["llama-405b"])
@@ -184,3 +184,10 @@ def test_a_recovering_group_keeps_reporting_its_restart_until_ready() -> None:
     )
     recovered = _plan(Case("y", whole("g0") + whole("g1", age=40), previous=history))
     assert recovered.restarting is None and recovered.groups[1]["restarts"] == 1
+
+
+def test_the_rollout_of_groups_is_named_after_their_statefulsets() -> None:
+    two = _plan(next(c for c in CASES if c.id == "crash-looping-group-restarts-again-after-the-interval"))
+    assert rollout_view(two, 2).workload == "the StatefulSets"
+    one = _plan(Case("one", whole("g0")))
+    assert rollout_view(one, 1).workload == "the StatefulSet"

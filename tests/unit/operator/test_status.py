@@ -223,3 +223,15 @@ def test_status_patch_leaves_the_autoscalers_state_alone() -> None:
     with_autoscaler = {**first, "autoscaling": {"desiredReplicas": 0, "recommendations": [[1, 1]]}}
     # The reconcile computes no autoscaling key; its patch must not remove the autoscaler's.
     assert status_patch(with_autoscaler, first) is None
+
+
+@pytest.mark.parametrize(("workload", "expected"), [
+    pytest.param(DONE, "the new spec is reaching the Deployment", id="Deployment"),
+    pytest.param(dataclasses.replace(DONE, workload="the StatefulSets"), "the new spec is reaching the StatefulSets",
+                 id="groups"),
+])
+def test_progressing_names_the_workload_that_picks_up_a_spec_change(workload: RolloutView, expected: str) -> None:
+    changed = dataclasses.replace(workload, generation=3)
+    (progressing,) = (c for c in compute_status(dataclasses.replace(BASE, deployment=changed), None)["conditions"]
+                      if c["type"] == "Progressing")
+    assert (progressing["reason"], progressing["message"]) == ("RollingOut", expected)
