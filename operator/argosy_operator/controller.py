@@ -26,7 +26,7 @@ from argosy_operator.workqueue import Outcome, WorkQueue, outcome_label
 logger = logging.getLogger(__name__)
 
 INDEX_NAMES = ("argosy_llmdeployments", "argosy_gpu_nodes", "argosy_deployments", "argosy_statefulsets",
-               "argosy_services", "argosy_config_maps", "argosy_pods")
+               "argosy_services", "argosy_config_maps", "argosy_pods", "argosy_backend_keys")
 
 
 class _Children(Mapping[Any, tuple[Any, ...]]):
@@ -199,6 +199,7 @@ class Runtime:
             _Children(idx["argosy_deployments"], idx["argosy_statefulsets"], idx["argosy_services"],
                       idx["argosy_config_maps"]),
             idx.get("argosy_pods"),
+            idx.get("argosy_backend_keys"),
         )
 
     async def _process(self, key: observe.ObjectKey) -> Outcome:

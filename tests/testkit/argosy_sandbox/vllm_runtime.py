@@ -179,6 +179,7 @@ def _run_logged(argv: list[str], env: dict[str, str], log_file, report: Reporter
 
 
 PARSE_SERVE_ARGS = RUNTIME_FILES / "parse_serve_args.py"
+CHECK_AUTH = RUNTIME_FILES / "check_auth.py"
 
 
 def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[dict[str, object]]:
@@ -199,4 +200,25 @@ def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[
     if result.returncode != 0:
         raise RuntimeInstallError(f"vLLM's argument parser could not run (exit {result.returncode}):\n{result.stderr}")
     results: list[dict[str, object]] = json.loads(result.stdout)
+    return results
+
+
+def check_auth(cases: list[dict[str, object]], report: Reporter = _print) -> list[object]:
+    """vLLM's own API-key middleware's answers to each case's requests (runtime/check_auth.py).
+
+    One subprocess for the whole batch; a case is {"argv", "env", "requests": [[method, path, auth]]}.
+    """
+    ensure_runtime(report)
+    result = subprocess.run(
+        [str(runtime_python()), "-P", str(CHECK_AUTH)],
+        input=json.dumps(cases),
+        env={**os.environ, **runtime_env()},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeInstallError(
+            f"vLLM's API-key middleware could not run (exit {result.returncode}):\n{result.stderr}")
+    results: list[object] = json.loads(result.stdout)
     return results

@@ -50,7 +50,15 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
         default=0.0,
         help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N waits up to N s for them",
     )
+    parser.add_argument(
+        "--api-key",
+        nargs="+",
+        default=None,
+        help="keys a caller of /v1/* must send as a bearer token (default: $VLLM_API_KEY), as vLLM's --api-key",
+    )
     args = parser.parse_args(argv)
+    # As vLLM: --api-key wins over $VLLM_API_KEY.
+    api_keys = tuple(args.api_key or [os.environ.get("VLLM_API_KEY") or ""])
     try:
         return SimConfig(
             models=tuple(args.model),
@@ -67,6 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
             kv_cache_tokens=args.kv_cache_tokens,
             prompt_tokens_details=args.enable_prompt_tokens_details,
             shutdown_timeout=args.shutdown_timeout,
+            api_keys=api_keys,
         )
     except ValueError as err:
         parser.error(str(err))
