@@ -73,7 +73,7 @@ class Runtime:
         self._resync_handle: asyncio.TimerHandle | None = None
         self._synced = False
         self._stopping: asyncio.Task[None] | None = None
-        self.ctx = ReconcileContext(api=self.api, metrics=metrics,
+        self.ctx = ReconcileContext(api=self.api, metrics=metrics, backend_keys=settings.backend_keys,
                                     hub=HubFacts(self.api, enabled=settings.hub_lookup,
                                                  endpoint=settings.hub_endpoint))
         # Without leader election this process is the only operator and leads from the start;
@@ -137,10 +137,11 @@ class Runtime:
         """
         if self._synced:
             return
-        missing = [n for n in INDEX_NAMES if n not in kwargs]
+        wanted = INDEX_NAMES if self.settings.backend_keys else INDEX_NAMES[:-1]
+        missing = [n for n in wanted if n not in kwargs]
         if missing:
             raise RuntimeError(f"kopf did not pass the indexes {missing}")
-        self._indexes = {n: kwargs[n] for n in INDEX_NAMES}
+        self._indexes = {n: kwargs[n] for n in wanted}
         self._synced = True
         logger.info("caches synced: %d LLMDeployments, %d GPU nodes; %s",
                     len(self._indexes["argosy_llmdeployments"]),

@@ -111,10 +111,11 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         key = observe.owner_key(body)
         return {key: observe.trim_pod(body)} if key else {}
 
-    @kopf.index(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry, id="argosy_backend_keys")
-    async def argosy_backend_keys(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-        key = observe.owner_key(body)
-        return {key: observe.trim_backend_key(body)} if key else {}
+    if runtime.settings.backend_keys:  # off: no Secret is watched (the chart grants none)
+        @kopf.index(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry, id="argosy_backend_keys")
+        async def argosy_backend_keys(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+            key = observe.owner_key(body)
+            return {key: observe.trim_backend_key(body)} if key else {}
 
     # Triggers.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="llmdeployment_changed")
@@ -133,8 +134,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         kopf.on.event(*resource, labels=MANAGED, registry=registry,
                       id=f"child_changed_{resource[2]}")(child_changed)
     # A deleted or edited backend-key Secret is repaired at once (a deleted one with a new key).
-    kopf.on.event(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry,
-                  id="child_changed_secrets")(child_changed)
+    if runtime.settings.backend_keys:
+        kopf.on.event(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry,
+                      id="child_changed_secrets")(child_changed)
 
     @kopf.on.event("", "v1", "nodes", labels={GPU_PRODUCT_LABEL: kopf.PRESENT}, registry=registry,
                    id="gpu_node_changed")

@@ -48,6 +48,8 @@ class ReconcileContext:
     metrics: OperatorMetrics | None = None
     hub: HubFacts | None = None
     clock: Callable[[], datetime.datetime] = utc_now
+    backend_keys: bool = True
+    """False (the install turned backend keys off): no key, and no Secret read or written."""
     written: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     """(namespace, name) -> (uid, resourceVersion the status was computed from, the status written).
 
@@ -244,7 +246,7 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
                                               functools.partial(apply.read_config_map, ctx.api))
     key_id: str | None = None
     if isinstance(parsed, LLMDeploymentSpec):
-        key_step = await _backend_key(ctx, obs, parsed.backend_key.enabled)
+        key_step = await _backend_key(ctx, obs, parsed.backend_key.enabled) if ctx.backend_keys else None
         if isinstance(key_step, Retry):
             return key_step  # no pod may name a key the Secret does not hold
         key_id = key_step

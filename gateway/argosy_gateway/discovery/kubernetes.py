@@ -99,7 +99,8 @@ class KubernetesDiscovery:
     async def run(self, publish: Publish) -> None:
         self._publish = publish
         scopes = list(dict.fromkeys(self.settings.namespaces)) or [ALL_NAMESPACES]
-        self._pending = {(resource, scope) for resource in KINDS for scope in scopes}
+        kinds = [k for k in KINDS if k != SECRETS or self.settings.backend_keys]
+        self._pending = {(resource, scope) for resource in kinds for scope in scopes}
         client = await self._connect()
         log.info(
             "watching LLMDeployments, serving pods and backend keys in %s",
