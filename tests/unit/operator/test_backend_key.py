@@ -27,7 +27,8 @@ def fixed_id() -> str:
     (True, keys("a", current="a", rotated_for="r1"), "r1", set(), KeyPlan(current="a", rotated_for="r1")),
     # A new rotation request: a new current key; the old one stays while pods use it.
     (True, keys("a", current="a"), "r1", {"a"},
-     KeyPlan(current="new", add="new", rotated_for="r1", reason="rotation requested (argosy.dev/rotate-backend-key=r1)")),
+     KeyPlan(current="new", add="new", rotated_for="r1",
+             reason="rotation requested (argosy.dev/rotate-backend-key=r1)")),
     # Rotating again before the last roll finished: keys that pods still use stay, unused ones go.
     (True, keys("a", "b", "c", current="c", rotated_for="r1"), "r2", {"b"},
      KeyPlan(current="new", add="new", rotated_for="r2", remove=frozenset({"a"}),
