@@ -477,6 +477,6 @@ async def test_the_gateway_replaces_the_clients_key_with_the_pods_backend_key(
         # A rotated Secret: the pod (still on key a) keeps working; a pod on key b joins only with b.
         watch = await api_server.watching(SECRETS)
         watch.put_nowait({"type": "MODIFIED", "object": backend_key_secret("llama", {"a": "backend-key-a", "b": "k"})})
-        await eventually(lambda: "http://127.0.0.1:%d" % sim.port in gateway.runtime.table.upstream_keys)
+        await eventually(lambda: f"http://127.0.0.1:{sim.port}" in gateway.runtime.table.upstream_keys)
         async with http.post(gateway.url + "/v1/chat/completions", json=body) as routed:
             assert routed.status == 200
