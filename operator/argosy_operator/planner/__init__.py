@@ -4,6 +4,8 @@ from argosy_operator.planner.errors import PlacementError, PlacementReason
 from argosy_operator.planner.facts import (
     ShippedModel,
     facts_from_hf_config,
+    remote_code_classes,
+    remote_code_note,
     find_shipped,
     parameter_count,
     parameter_counts,
@@ -33,6 +35,8 @@ __all__ = [
     "ShippedModel",
     "estimate",
     "facts_from_hf_config",
+    "remote_code_classes",
+    "remote_code_note",
     "find_shipped",
     "inventory_from_nodes",
     "parameter_count",
