@@ -18,11 +18,11 @@ from argosy_operator.planner import (
     PlacementError,
     PlanRequest,
     facts_from_hf_config,
-    remote_code_note,
     find_shipped,
     inventory_from_nodes,
     parameter_count,
     plan,
+    remote_code_note,
     shipped_models,
 )
 from argosy_operator.planner.memory import GIB, compute_dtype_name, weight_bits
