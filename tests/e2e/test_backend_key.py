@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,26 +35,6 @@ SPEC = {
     "gpu": {"count": 1},
     "engine": {"maxModelLen": 4096},
 }
-
-
-@pytest.fixture
-def operator(crd: None, kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    op = Operator(kubeconfig, namespace, tmp_path / "operator.log")
-    op.start()
-    try:
-        yield op
-    finally:
-        op.stop()
-
-
-@pytest.fixture
-def gateway(kubeconfig: Path, namespace: str, tmp_path: Path) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(kubeconfig, namespace, tmp_path / "gateway.log")
-    try:
-        assert wait_for(lambda: process.get("/readyz")[0] == 200, 30), process.log_path.read_text()
-        yield process
-    finally:
-        process.stop()
 
 
 def post(url: str, authorization: str | None = None) -> tuple[int, Any]:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from . import versions
 from .build import Reporter, _print, file_lock
@@ -188,18 +189,7 @@ def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[
     One subprocess for the whole batch. Each result is {"ok": True, "parsed": {...}} or
     {"ok": False, "error": "..."} (vLLM's own message), in the order of `argvs`.
     """
-    ensure_runtime(report)
-    result = subprocess.run(
-        [str(runtime_python()), "-P", str(PARSE_SERVE_ARGS)],
-        input=json.dumps(argvs),
-        env={**os.environ, **runtime_env()},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeInstallError(f"vLLM's argument parser could not run (exit {result.returncode}):\n{result.stderr}")
-    results: list[dict[str, object]] = json.loads(result.stdout)
+    results: list[dict[str, object]] = _run_json(PARSE_SERVE_ARGS, argvs, "vLLM's argument parser", report)
     return results
 
 
@@ -208,17 +198,21 @@ def check_auth(cases: list[dict[str, object]], report: Reporter = _print) -> lis
 
     One subprocess for the whole batch; a case is {"argv", "env", "requests": [[method, path, auth]]}.
     """
+    results: list[object] = _run_json(CHECK_AUTH, cases, "vLLM's API-key middleware", report)
+    return results
+
+
+def _run_json(script: Path, payload: object, what: str, report: Reporter) -> Any:
+    """Run one of the runtime's scripts in the serving runtime's python: JSON on stdin, JSON from stdout."""
     ensure_runtime(report)
     result = subprocess.run(
-        [str(runtime_python()), "-P", str(CHECK_AUTH)],
-        input=json.dumps(cases),
+        [str(runtime_python()), "-P", str(script)],
+        input=json.dumps(payload),
         env={**os.environ, **runtime_env()},
         capture_output=True,
         text=True,
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeInstallError(
-            f"vLLM's API-key middleware could not run (exit {result.returncode}):\n{result.stderr}")
-    results: list[object] = json.loads(result.stdout)
-    return results
+        raise RuntimeInstallError(f"{what} could not run (exit {result.returncode}):\n{result.stderr}")
+    return json.loads(result.stdout)

@@ -347,13 +347,18 @@ def _with_annotation(body: dict[str, Any], value: str, version: str) -> dict[str
                                  "annotations": {"argosy.dev/rotate-backend-key": value}}}
 
 
-async def test_a_rotation_adds_a_key_rolls_the_pods_and_drops_the_old_key_once_no_pod_uses_it() -> None:
+async def _keyed_start() -> tuple[FakeApi, ReconcileContext, dict[str, Any], str]:
+    """A first pass: the API, its context, the backend-key Secret it made and its key id."""
     api = FakeApi()
     context = ctx(api)
     await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES))
-    first = api.backend_key()
-    assert first is not None
-    old = first["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+    secret = api.backend_key()
+    assert secret is not None
+    return api, context, secret, secret["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+
+
+async def test_a_rotation_adds_a_key_rolls_the_pods_and_drops_the_old_key_once_no_pod_uses_it() -> None:
+    api, context, first, old = await _keyed_start()
     written = api.of("PATCH", "/status")[0][3]["status"]
     children = applied_children(api)
 
@@ -397,12 +402,7 @@ async def test_a_rotation_adds_a_key_rolls_the_pods_and_drops_the_old_key_once_n
 
 
 async def test_turning_the_key_off_starts_pods_without_it_and_deletes_the_secret_once_unused() -> None:
-    api = FakeApi()
-    context = ctx(api)
-    await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES))
-    secret = api.backend_key()
-    assert secret is not None
-    old = secret["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+    api, context, secret, old = await _keyed_start()
     off = {**SMALL, "backendKey": {"enabled": False}}
     api.calls.clear()
     await reconcile(context, Observation(("ns", "m"), lld(off), NODES, (), (_key_pod("m-a", old),),
