@@ -480,3 +480,19 @@ async def test_the_gateway_replaces_the_clients_key_with_the_pods_backend_key(
         await eventually(lambda: f"http://127.0.0.1:{sim.port}" in gateway.runtime.table.upstream_keys)
         async with http.post(gateway.url + "/v1/chat/completions", json=body) as routed:
             assert routed.status == 200
+
+
+@pytest.mark.timeout(60)
+async def test_without_backend_keys_the_gateway_never_asks_for_secrets(
+    gateway_factory, api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    api_server.put(DEPLOYMENTS, llm_deployment("llama"))
+    api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    gateway = await gateway_factory(
+        wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig, backend_keys=False
+    )
+    await gateway.wait_loaded()
+    assert endpoints(gateway, "llama") == ("http://127.0.10.1:8000",)
+    assert sorted(api_server.lists) == [DEPLOYMENTS, PODS]

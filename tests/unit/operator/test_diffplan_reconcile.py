@@ -415,3 +415,13 @@ async def test_turning_the_key_off_starts_pods_without_it_and_deletes_the_secret
     await reconcile(context, Observation(("ns", "m"), lld(off), NODES, (), (_key_pod("m-b", None),),
                                          backend_key=secret))
     assert api.of("DELETE", "/secrets/m-backend-key") and api.backend_key() is None
+
+
+async def test_an_install_without_backend_keys_touches_no_secret_and_starts_pods_without_a_key() -> None:
+    api = FakeApi()
+    context = ReconcileContext(api=api.kube, clock=lambda: NOW, backend_keys=False)
+    assert await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES)) == Done()
+    assert not [c for c in api.calls if "/secrets" in c[1]]
+    template = _template(api)
+    assert "argosy.dev/backend-key-id" not in template["metadata"]["annotations"]
+    assert "VLLM_API_KEY" not in {e["name"] for e in template["spec"]["containers"][0].get("env") or ()}
