@@ -303,7 +303,11 @@ class ProxyEndpoint:
             try:
                 # The first-byte deadline is one timer in the client, armed when the request is sent.
                 response = await runtime.upstream.post(
-                    endpoint, self.path, body, headers, settings.first_byte_timeout_seconds
+                    endpoint,
+                    self.path,
+                    body,
+                    runtime.table.upstream_headers(endpoint, headers),
+                    settings.first_byte_timeout_seconds,
                 )
                 status = response.status
                 if status in _RETRYABLE_STATUSES:

@@ -127,7 +127,12 @@ class StoredResponses:
             url += "?" + request.url.query
         try:
             upstream = await self._session.send(
-                self._session.build_request(request.method, url, content=await request.body(), headers=headers),
+                self._session.build_request(
+                    request.method,
+                    url,
+                    content=await request.body(),
+                    headers=dict(runtime.table.upstream_headers(stored.endpoint, headers)),
+                ),
                 stream=True,
             )
         except (httpx2.HTTPError, OSError) as exc:

@@ -66,9 +66,11 @@ class ModelRoute:
 @dataclass(frozen=True, slots=True)
 class RouteTable:
     routes: Mapping[str, ModelRoute] = field(default_factory=lambda: MappingProxyType({}))
+    upstream_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    """Endpoint -> the backend key it demands (sent as ``Authorization: Bearer``); absent: none."""
 
     @classmethod
-    def build(cls, routes: Iterable[ModelRoute]) -> RouteTable:
+    def build(cls, routes: Iterable[ModelRoute], upstream_keys: Mapping[str, str] | None = None) -> RouteTable:
         by_name: dict[str, ModelRoute] = {}
         for route in routes:
             previous = by_name.get(route.name)
@@ -79,7 +81,17 @@ class RouteTable:
                 # keeping the first source's policy.
                 merged = previous.endpoints + tuple(e for e in route.endpoints if e not in previous.endpoints)
                 by_name[route.name] = ModelRoute(previous.name, merged, previous.policy, previous.deployment)
-        return cls(MappingProxyType(dict(sorted(by_name.items()))))
+        return cls(MappingProxyType(dict(sorted(by_name.items()))), MappingProxyType(dict(upstream_keys or {})))
+
+    def upstream_headers(self, endpoint: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """``headers`` with the endpoint's backend key as the bearer token, when it demands one.
+
+        The client's own Authorization (a gateway API key) is never among ``headers``.
+        """
+        key = self.upstream_keys.get(endpoint)
+        if key is None:
+            return headers
+        return {**headers, "Authorization": f"Bearer {key}"}
 
     def get(self, model: str) -> ModelRoute | None:
         return self.routes.get(model)

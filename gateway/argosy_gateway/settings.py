@@ -27,6 +27,9 @@ class GatewaySettings(BaseSettings):
     kubeconfig: Path | None = Field(None, description="kubeconfig path; unset = in-cluster service account")
     namespaces: list[str] = Field(default_factory=list, description="namespaces to watch; empty = all")
     default_policy: str = DEFAULT_POLICY
+    backend_keys: bool = Field(
+        True, description="kubernetes discovery: watch the operator's backend-key Secrets and send each pod its key"
+    )
 
     # Limits and upstream behaviour
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)

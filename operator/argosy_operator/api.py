@@ -467,6 +467,19 @@ class SecretKeyRef(ApiModel):
     key: str = Field(default="token", min_length=1, max_length=253, description="Key within the Secret.")
 
 
+class BackendKeySpec(ApiModel):
+    """The key between the gateway and vLLM (vLLM's VLLM_API_KEY), kept by the operator in a Secret."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Start vLLM with a random key from the Secret `<name>-backend-key` (labelled "
+        "argosy.dev/backend-key), which the gateway sends as the bearer token upstream, so a caller that "
+        "reaches a pod directly gets 401 on /v1/*. False: vLLM starts without a key and the Secret is "
+        "deleted once no pod uses it. Rotate with the annotation argosy.dev/rotate-backend-key (any new "
+        "value); see docs/operator.md.",
+    )
+
+
 class Toleration(ApiModel):
     """A Kubernetes pod toleration."""
 
@@ -633,6 +646,10 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=SchedulingSpec, description="Extra scheduling constraints for serving pods."
     )
     planning: PlanningSpec = Field(default_factory=PlanningSpec, description="Planner settings.")
+    backend_key: BackendKeySpec = Field(
+        default_factory=BackendKeySpec,
+        description="The key only the gateway holds, so serving pods refuse callers that go around it (on by default).",
+    )
     autoscaling: AutoscalingSpec | None = Field(
         default=None,
         description="Replicas from the load, and scale to zero (off unless autoscaling.enabled is true).",

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from argosy_operator import backendkey
 from argosy_operator.diffplan import ApplyReason, ApplyStep, ChildPlan, controller_uid
 from argosy_operator.groups import GroupPlan
 from argosy_operator.kubeapi import ApiError, KubeApi
@@ -43,6 +44,30 @@ async def read_config_map(api: KubeApi, namespace: str, name: str) -> dict[str, 
     """A user's ConfigMap (a chat template), or None when it does not exist."""
     ref = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"namespace": namespace, "name": name}}
     return await _get(api, ref)
+
+
+async def read_secret(api: KubeApi, namespace: str, name: str) -> dict[str, Any] | None:
+    ref = {"apiVersion": "v1", "kind": "Secret", "metadata": {"namespace": namespace, "name": name}}
+    return await _get(api, ref)
+
+
+async def write_backend_key(api: KubeApi, name: str, namespace: str, owner_uid: str,
+                            plan: backendkey.KeyPlan, keys: backendkey.ObservedKeys | None) -> str:
+    """Carry out a KeyPlan on the Secret (create, merge-patch or delete); returns what was done.
+
+    ApiError(409) when the Secret changed since `keys` was read (or was created meanwhile).
+    """
+    secret = backendkey.secret_name(name)
+    if plan.create:
+        await api.create(backendkey.build_secret(name, namespace, owner_uid, plan))
+        return f"created Secret/{secret}"
+    assert keys is not None
+    if plan.delete:
+        await api.delete("v1", "Secret", namespace, secret, uid=keys.uid)
+        return f"deleted Secret/{secret}"
+    await api.patch_merge("v1", "Secret", namespace, secret, backendkey.secret_patch(plan, keys.resource_version))
+    changes = ([f"added key {plan.add}"] if plan.add else []) + [f"removed key {i}" for i in sorted(plan.remove)]
+    return f"updated Secret/{secret} ({', '.join(changes)})"
 
 
 async def server_side_apply(api: KubeApi, body: Mapping[str, Any]) -> None:

@@ -39,6 +39,9 @@ LABEL_ROLE = "argosy.dev/role"
 ANNOTATION_SERVED_MODEL_NAMES = "argosy.dev/served-model-names"
 ANNOTATION_CHAT_TEMPLATE_HASH = "argosy.dev/chat-template-hash"
 ROLE_SERVER = "server"
+ANNOTATION_BACKEND_KEY_ID = "argosy.dev/backend-key-id"
+"""On each serving pod (and its template): the id of the backend key it was started with."""
+BACKEND_KEY_ENV = "VLLM_API_KEY"
 
 # Probe timings. /health answers only once the weights are loaded and the engine is
 # up, which for a 405B model pulled from the hub can take well over ten minutes.
@@ -72,6 +75,15 @@ class ChatTemplateMount:
     key: str
     content_hash: str
     """Hash of the template text: a pod template annotation, so an edited template rolls the pods."""
+
+
+def backend_key_secret_name(name: str) -> str:
+    """The Secret holding an LLMDeployment's backend keys (backendkey.py)."""
+    return f"{name}-backend-key"
+
+
+def backend_key_entry(key_id: str) -> str:
+    return f"key-{key_id}"
 
 
 def content_hash(text: str) -> str:
@@ -153,6 +165,9 @@ class ServerInputs:
     termination_grace_period_seconds: int = api.DEFAULT_TERMINATION_GRACE_PERIOD_SECONDS
     pods_per_replica: int = 1
     """More than one: the replica is a group of pods on as many nodes (group_builders.py)."""
+    backend_key_id: str | None = None
+    """The backend key the pods start with (VLLM_API_KEY from the entry key-<id> of the Secret
+    <name>-backend-key); None: vLLM accepts any caller."""
 
     @property
     def gpus_per_pod(self) -> int:
@@ -268,6 +283,13 @@ def _env(inputs: ServerInputs) -> list[dict[str, Any]]:
             "name": "HF_TOKEN",
             "valueFrom": {"secretKeyRef": {
                 "name": inputs.hf_token_secret.name, "key": inputs.hf_token_secret.key,
+            }},
+        })
+    if inputs.backend_key_id is not None:
+        env.append({
+            "name": BACKEND_KEY_ENV,
+            "valueFrom": {"secretKeyRef": {
+                "name": backend_key_secret_name(inputs.name), "key": backend_key_entry(inputs.backend_key_id),
             }},
         })
     own = {e["name"] for e in env}
@@ -400,6 +422,9 @@ def pod_annotations(inputs: ServerInputs) -> dict[str, str]:
     if inputs.chat_template is not None:
         # vLLM reads the template once at startup; a new hash makes the Deployment roll.
         annotations[ANNOTATION_CHAT_TEMPLATE_HASH] = inputs.chat_template.content_hash
+    if inputs.backend_key_id is not None:
+        # The gateway sends each pod the key this names; a new key rolls the pods.
+        annotations[ANNOTATION_BACKEND_KEY_ID] = inputs.backend_key_id
     return annotations
 
 

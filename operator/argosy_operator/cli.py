@@ -22,6 +22,7 @@ from argosy_operator.planner import (
     inventory_from_nodes,
     parameter_count,
     plan,
+    remote_code_note,
     shipped_models,
 )
 from argosy_operator.planner.memory import GIB, compute_dtype_name, weight_bits
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=_positive_int, help="fix tensor parallelism")
     p.add_argument("--pipeline-parallel-size", type=_positive_int, help="fix pipeline parallelism")
     p.add_argument("--target-sequences", type=_positive_int, default=4, help="planning.targetSequences (default 4)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="spec.model.trustRemoteCode: the model's repository code may run (in vLLM, never in the planner); "
+        "with --config, says whether config.json needs it",
+    )
     p.add_argument("--output", choices=["text", "json"], default="text")
     p.set_defaults(handler=_plan)
     return parser
@@ -143,20 +150,21 @@ def _run(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-def _load_model(args: argparse.Namespace) -> tuple[str, ModelFacts]:
+def _load_model(args: argparse.Namespace) -> tuple[str, ModelFacts, str | None]:
+    """The model's name, its facts, and what to say about its remote code (config.json only)."""
     if args.config is not None:
         try:
             config = json.loads(args.config.read_text())
         except (OSError, ValueError) as exc:
             raise PlacementError("UnknownModel", f"cannot read {args.config}: {exc}") from exc
-        return str(args.config), facts_from_hf_config(config)
+        return str(args.config), facts_from_hf_config(config), remote_code_note(config, args.trust_remote_code)
     shipped = find_shipped(args.model)
     if shipped is None:
         names = ", ".join(m.name for m in shipped_models())
         raise PlacementError(
             "UnknownModel", f"{args.model} is not a shipped model (known: {names}); pass --config config.json."
         )
-    return shipped.repos[0], shipped.facts
+    return shipped.repos[0], shipped.facts, None
 
 
 def _nodes_from_cluster(kubeconfig: str) -> list[dict[str, Any]]:
@@ -235,7 +243,7 @@ def _plan(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
     )
     try:
-        model, facts = _load_model(args)
+        model, facts, remote_code = _load_model(args)
         request = PlanRequest(
             model=model,
             facts=facts,
@@ -253,6 +261,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(placement.to_status(), indent=2))
     else:
         sys.stdout.write(_human(model, facts, settings, placement))
+    if remote_code is not None:
+        # Not an error: the placement stands either way; the pods would not start without the flag.
+        level = "note" if args.trust_remote_code else "warning"
+        print(f"argosy-operator plan: {level}: {remote_code}", file=sys.stderr)
     return 0
 
 

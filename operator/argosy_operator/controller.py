@@ -26,7 +26,7 @@ from argosy_operator.workqueue import Outcome, WorkQueue, outcome_label
 logger = logging.getLogger(__name__)
 
 INDEX_NAMES = ("argosy_llmdeployments", "argosy_gpu_nodes", "argosy_deployments", "argosy_statefulsets",
-               "argosy_services", "argosy_config_maps", "argosy_pods")
+               "argosy_services", "argosy_config_maps", "argosy_pods", "argosy_backend_keys")
 
 
 class _Children(Mapping[Any, tuple[Any, ...]]):
@@ -73,7 +73,7 @@ class Runtime:
         self._resync_handle: asyncio.TimerHandle | None = None
         self._synced = False
         self._stopping: asyncio.Task[None] | None = None
-        self.ctx = ReconcileContext(api=self.api, metrics=metrics,
+        self.ctx = ReconcileContext(api=self.api, metrics=metrics, backend_keys=settings.backend_keys,
                                     hub=HubFacts(self.api, enabled=settings.hub_lookup,
                                                  endpoint=settings.hub_endpoint))
         # Without leader election this process is the only operator and leads from the start;
@@ -137,10 +137,11 @@ class Runtime:
         """
         if self._synced:
             return
-        missing = [n for n in INDEX_NAMES if n not in kwargs]
+        wanted = INDEX_NAMES if self.settings.backend_keys else INDEX_NAMES[:-1]
+        missing = [n for n in wanted if n not in kwargs]
         if missing:
             raise RuntimeError(f"kopf did not pass the indexes {missing}")
-        self._indexes = {n: kwargs[n] for n in INDEX_NAMES}
+        self._indexes = {n: kwargs[n] for n in wanted}
         self._synced = True
         logger.info("caches synced: %d LLMDeployments, %d GPU nodes; %s",
                     len(self._indexes["argosy_llmdeployments"]),
@@ -199,6 +200,7 @@ class Runtime:
             _Children(idx["argosy_deployments"], idx["argosy_statefulsets"], idx["argosy_services"],
                       idx["argosy_config_maps"]),
             idx.get("argosy_pods"),
+            idx.get("argosy_backend_keys"),
         )
 
     async def _process(self, key: observe.ObjectKey) -> Outcome:

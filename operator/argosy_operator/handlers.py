@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from argosy_operator import observe
+from argosy_operator.backendkey import LABEL_BACKEND_KEY
 from argosy_operator.builders import GPU_PRODUCT_LABEL, LABEL_MANAGED_BY
 from argosy_operator.controller import Runtime
 from argosy_operator.settings import FIELD_MANAGER, GROUP, PLURAL, VERSION
@@ -27,6 +28,9 @@ KOPF_ANNOTATION_PREFIX = "kopf.argosy.dev"
 # its LLMDeployment's reconcile.
 CHILD_RESOURCES = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("", "v1", "services"),
                    ("", "v1", "configmaps"), ("", "v1", "pods"))
+# The backend-key Secrets (backendkey.py), and no other Secret: watched by both labels.
+SECRETS = ("", "v1", "secrets")
+BACKEND_KEY_LABELS = {**MANAGED, LABEL_BACKEND_KEY: kopf.PRESENT}
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -46,6 +50,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # operator's memory proportional to its own objects, not to the cluster.
     for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    settings.watching.label_selectors[SECRETS] = f"{MANAGED_SELECTOR},{LABEL_BACKEND_KEY}"
     settings.watching.label_selectors[("", "v1", "nodes")] = GPU_PRODUCT_LABEL
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -106,6 +111,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         key = observe.owner_key(body)
         return {key: observe.trim_pod(body)} if key else {}
 
+    if runtime.settings.backend_keys:  # off: no Secret is watched (the chart grants none)
+        @kopf.index(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry, id="argosy_backend_keys")
+        async def argosy_backend_keys(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+            key = observe.owner_key(body)
+            return {key: observe.trim_backend_key(body)} if key else {}
+
     # Triggers.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="llmdeployment_changed")
     async def llmdeployment_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
@@ -122,6 +133,10 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     for resource in CHILD_RESOURCES:
         kopf.on.event(*resource, labels=MANAGED, registry=registry,
                       id=f"child_changed_{resource[2]}")(child_changed)
+    # A deleted or edited backend-key Secret is repaired at once (a deleted one with a new key).
+    if runtime.settings.backend_keys:
+        kopf.on.event(*SECRETS, labels=BACKEND_KEY_LABELS, registry=registry,
+                      id="child_changed_secrets")(child_changed)
 
     @kopf.on.event("", "v1", "nodes", labels={GPU_PRODUCT_LABEL: kopf.PRESENT}, registry=registry,
                    id="gpu_node_changed")

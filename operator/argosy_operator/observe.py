@@ -113,6 +113,20 @@ def trim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     })
 
 
+def trim_backend_key(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend-key Secret without its values: entry names and bookkeeping (backendkey.py).
+
+    The operator never needs a key after it made it, so none is kept in memory.
+    """
+    meta = body.get("metadata") or {}
+    return _copy_dict({
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion", "labels",
+                                              "annotations", "ownerReferences", "deletionTimestamp")
+                     if meta.get(k) is not None},
+        "data": {k: "" for k in body.get("data") or {}},
+    })
+
+
 def owner_key(body: Mapping[str, Any]) -> ObjectKey | None:
     """The LLMDeployment a labelled child belongs to, from its argosy.dev/deployment label."""
     meta = body.get("metadata") or {}
@@ -132,6 +146,8 @@ class Observation:
     nodes: tuple[Mapping[str, Any], ...] = ()
     children: tuple[Mapping[str, Any], ...] = ()
     pods: tuple[Mapping[str, Any], ...] = ()
+    backend_key: Mapping[str, Any] | None = None
+    """The backend-key Secret (trimmed: no values), when one exists."""
 
 
 def _values(index: Mapping[Any, Iterable[Any]] | None, key: Any) -> tuple[Any, ...]:
@@ -147,13 +163,16 @@ def observe(
     nodes: Mapping[Any, Iterable[Any]] | None,
     children: Mapping[Any, Iterable[Any]] | None,
     pods: Mapping[Any, Iterable[Any]] | None,
+    backend_keys: Mapping[Any, Iterable[Any]] | None = None,
 ) -> Observation:
     """Assemble an Observation from kopf's indexes (or any mapping of key -> values)."""
     found = _values(llmdeployments, key)
+    secrets = [s for s in _values(backend_keys, key) if not s["metadata"].get("deletionTimestamp")]
     return Observation(
         key=key,
         llmdeployment=found[0] if found else None,
         nodes=_values(nodes, None),
         children=_values(children, key),
         pods=_values(pods, key),
+        backend_key=secrets[0] if secrets else None,
     )

@@ -19,10 +19,10 @@ from typing import Any
 
 import pydantic
 
-from argosy_operator import apply, builders, chattemplate, diffplan, group_builders, groups, status, sticky
+from argosy_operator import apply, backendkey, builders, chattemplate, diffplan, group_builders, groups, status, sticky
 from argosy_operator.api import LLMDeploymentSpec, ModelFacts, PlacementStatus, served_names
 from argosy_operator.hubfacts import HubFacts
-from argosy_operator.kubeapi import KubeApi
+from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.observe import Observation
 from argosy_operator.planner import PlacementError, inventory_from_nodes, plan_for_spec
@@ -48,6 +48,8 @@ class ReconcileContext:
     metrics: OperatorMetrics | None = None
     hub: HubFacts | None = None
     clock: Callable[[], datetime.datetime] = utc_now
+    backend_keys: bool = True
+    """False (the install turned backend keys off): no key, and no Secret read or written."""
     written: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
     """(namespace, name) -> (uid, resourceVersion the status was computed from, the status written).
 
@@ -75,7 +77,8 @@ class Decision:
 
 
 def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, placement: PlacementStatus,
-                  chat_template: builders.ChatTemplateMount | None = None) -> builders.ServerInputs:
+                  chat_template: builders.ChatTemplateMount | None = None,
+                  backend_key_id: str | None = None) -> builders.ServerInputs:
     """Adapt the API model and the planner's placement to the builders' input."""
     engine = spec.engine
     secret = spec.hf_token_secret_ref
@@ -115,6 +118,7 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         generation_override=tuple(sorted(defaults.vllm_override().items())) if defaults else (),
         termination_grace_period_seconds=engine.termination_grace_period_seconds,
         pods_per_replica=placement.pods_per_replica,
+        backend_key_id=backend_key_id,
     )
 
 
@@ -146,6 +150,7 @@ def decide(
     previous: Mapping[str, Any] | None = None,
     now: str = "1970-01-01T00:00:00Z",
     chat_template: chattemplate.ResolvedTemplate | chattemplate.TemplateFailure | None = None,
+    backend_key_id: str | None = None,
 ) -> Decision:
     """Parse the spec, keep or plan its placement, and render the desired children.
 
@@ -155,7 +160,8 @@ def decide(
     ship (or why it failed); None lets the planner use the inline facts or its own table.
     Without a placement the Service is still desired and an existing Deployment is kept.
     `chat_template` is spec.engine.chatTemplate resolved (chattemplate.resolve); a missing
-    ConfigMap or key keeps any existing Deployment and starts no new pod.
+    ConfigMap or key keeps any existing Deployment and starts no new pod. `backend_key_id` is
+    the key the pods start with (backendkey.plan_keys), None for none.
     """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -189,7 +195,7 @@ def decide(
     assert placement is not None
     try:
         mount = chat_template.mount if chat_template is not None else None
-        inputs = server_inputs(name, namespace, uid, spec, placement, mount)
+        inputs = server_inputs(name, namespace, uid, spec, placement, mount, backend_key_id)
         # A Deployment, or a group (StatefulSet + headless Service) per replica; and the Service
         # in front of the serving pods (the groups' leaders).
         children = group_builders.build_workload(inputs, spec.engine.distributed_executor)
@@ -238,7 +244,14 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
     if isinstance(parsed, LLMDeploymentSpec):
         template = await chattemplate.resolve(parsed.engine.chat_template, name, namespace, uid,
                                               functools.partial(apply.read_config_map, ctx.api))
-    decision = decide(body, obs.nodes, facts, previous=previous, now=now, chat_template=template)
+    key_id: str | None = None
+    if isinstance(parsed, LLMDeploymentSpec):
+        key_step = await _backend_key(ctx, obs, parsed.backend_key.enabled) if ctx.backend_keys else None
+        if isinstance(key_step, Retry):
+            return key_step  # no pod may name a key the Secret does not hold
+        key_id = key_step
+    decision = decide(body, obs.nodes, facts, previous=previous, now=now, chat_template=template,
+                      backend_key_id=key_id)
     keep, desired = decision.keep, decision.desired
     kept_groups = groups.observed_group_refs(obs.children)
     if diffplan.ChildRef("Deployment", name) in keep and kept_groups:
@@ -319,6 +332,41 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
     if groups_now is not None and groups_now.retry_after is not None:
         return Retry("a group decision waits on time", after=groups_now.retry_after)
     return Done()
+
+
+async def _backend_key(ctx: ReconcileContext, obs: Observation, enabled: bool) -> str | Retry | None:
+    """Bring the backend-key Secret to the plan's state; the key id new pods get (None: no key).
+
+    The plan is made from the watch cache; a pass that must write reads the Secret again
+    first and writes with its resourceVersion, so a cache that lags our own last write
+    never rotates twice or drops a key just added.
+    """
+    assert obs.llmdeployment is not None
+    meta = obs.llmdeployment["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    request = backendkey.rotation_request(obs.llmdeployment)
+    in_use = backendkey.pod_key_ids(obs.pods)
+
+    def ours(secret: Mapping[str, Any] | None) -> backendkey.ObservedKeys | None:
+        keys = backendkey.observed(secret)
+        return keys if keys is not None and keys.owner_uid == uid else None
+
+    plan = backendkey.plan_keys(enabled, ours(obs.backend_key), request, in_use)
+    if not plan.writes:
+        return plan.current
+    try:
+        fresh = await apply.read_secret(ctx.api, namespace, backendkey.secret_name(name))
+        keys = ours(fresh)
+        if fresh is not None and keys is None:
+            return Retry(f"Secret {backendkey.secret_name(name)} exists and is not owned by this LLMDeployment; "
+                         "rename or delete it", after=CONFLICT_RETRY_SECONDS)
+        plan = backendkey.plan_keys(enabled, keys, request, in_use)
+        if plan.writes:
+            logger.info("backend key of %s/%s: %s; %s", namespace, name, plan.reason,
+                        await apply.write_backend_key(ctx.api, name, namespace, uid, plan, keys))
+    except ApiError as e:
+        return Retry(f"writing the backend-key Secret failed: {e}")
+    return plan.current
 
 
 async def _run_groups(

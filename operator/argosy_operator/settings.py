@@ -37,6 +37,9 @@ class OperatorSettings:
     """Reconciles running at the same time (different objects; one object is never concurrent)."""
     hub_lookup: bool = True
     """Read config.json from the Hugging Face Hub for hf:// models the planner does not ship."""
+    backend_keys: bool = True
+    """Keep a backend key per LLMDeployment (spec.backendKey); False: no Secret is touched or watched,
+    and every serving pod starts without a key, whatever the spec says."""
     hub_endpoint: str | None = None
     """Base URL of the Hugging Face Hub (or a mirror), from $HF_ENDPOINT; None: the public Hub."""
     leader_election: bool = False
@@ -92,6 +95,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         workers=max(1, int(workers)),
         hub_lookup=_env_flag(env, "ARGOSY_OPERATOR_HUB_LOOKUP", True),
         hub_endpoint=env.get("HF_ENDPOINT") or None,
+        backend_keys=_env_flag(env, "ARGOSY_OPERATOR_BACKEND_KEYS", True),
         leader_election=bool(getattr(args, "leader_elect", None))
         or _env_flag(env, "ARGOSY_OPERATOR_LEADER_ELECTION", False),
         lease_name=getattr(args, "lease_name", None) or env.get("ARGOSY_OPERATOR_LEASE_NAME") or DEFAULT_LEASE_NAME,

@@ -24,12 +24,13 @@ REPLAN_ANNOTATION = "argosy.dev/replan"
 
 
 def spec_hash(spec: LLMDeploymentSpec) -> str:
-    """The hash a placement is recorded with: the whole spec but `replicas`.
+    """The hash a placement is recorded with: the whole spec but `replicas` and `backendKey`.
 
     Scaling (kubectl scale, an autoscaler, the gateway waking a model) bumps
     metadata.generation too, and must never move a serving model.
     """
-    data = spec.model_dump(mode="json", by_alias=True, exclude={"replicas"})
+    # The backend key changes no placement: turning it on or off only rolls the pods.
+    data = spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "backend_key"})
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

@@ -106,6 +106,10 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
         ("get", "configmaps", None),  # a chatTemplate's configMapKeyRef
         ("patch", "configmaps", None),  # the ConfigMap holding an inline chatTemplate
         ("create", "events", None),
+        # The backend keys it owns; RBAC cannot narrow this to their label (docs/operations.md).
+        ("watch", "secrets", None),
+        ("create", "secrets", None),
+        ("patch", "secrets", None),
     ]:
         assert can(sandbox, operator, verb, resource, elsewhere, sub), f"operator cannot {verb} {resource}"
     # Leader election: its own Lease in the release namespace, no other Lease anywhere.
@@ -116,9 +120,7 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
     assert not can(sandbox, operator, "update", "leases.coordination.k8s.io/kube-scheduler", "kube-system")
     assert not can(sandbox, operator, "create", "leases.coordination.k8s.io", elsewhere)
     for verb, resource, ns in [
-        ("get", "secrets", namespace),
-        ("list", "secrets", None),
-        ("get", "secrets", elsewhere),
+        ("update", "secrets", elsewhere),  # only merge patches of its own keys
         ("patch", "nodes", None),
         ("delete", "nodes", None),
         ("update", "nodes", None),
@@ -140,12 +142,13 @@ def test_cluster_wide_operator_and_gateway_can_do_their_jobs_and_no_more(sandbox
         assert not can(sandbox, operator, verb, resource, elsewhere, sub), f"operator can {verb} {resource}/{sub}"
 
     # The gateway reads LLMDeployments and Pods; its one write wakes a model (scale from zero).
-    for verb, resource in [("get", LLD), ("list", LLD), ("watch", LLD), ("list", "pods"), ("watch", "pods")]:
+    for verb, resource in [("get", LLD), ("list", LLD), ("watch", LLD), ("list", "pods"), ("watch", "pods"),
+                           ("list", "secrets"), ("watch", "secrets")]:  # the backend keys, by label selector
         assert can(sandbox, gateway, verb, resource, elsewhere), f"gateway cannot {verb} {resource}"
     assert can(sandbox, gateway, "patch", LLD, elsewhere, "scale"), "gateway cannot wake a model"
     for verb, resource, ns in [
-        ("get", "secrets", namespace),
-        ("list", "secrets", None),
+        ("get", "secrets", namespace),  # list/watch with a selector, never a Secret by name
+        ("create", "secrets", elsewhere),
         ("patch", LLD, elsewhere),
         ("create", "pods", elsewhere),
         ("delete", "pods", elsewhere),
@@ -172,7 +175,8 @@ def test_scoped_install_acts_only_in_watched_namespaces(sandbox, namespace, scop
         assert can(sandbox, gateway, "list", "pods", ns)
         assert can(sandbox, gateway, "patch", LLD, ns, "scale")
         assert can(sandbox, operator, "patch", LLD, ns, "scale")
-        assert not can(sandbox, operator, "get", "secrets", ns)
+        assert can(sandbox, operator, "create", "secrets", ns)  # its backend keys
+        assert can(sandbox, gateway, "watch", "secrets", ns)
         assert not can(sandbox, gateway, "get", "secrets", ns)
     # The GPU inventory is cluster-scoped and read-only.
     assert can(sandbox, operator, "list", "nodes")
@@ -184,4 +188,6 @@ def test_scoped_install_acts_only_in_watched_namespaces(sandbox, namespace, scop
         assert not can(sandbox, operator, "create", "events", ns)
         assert not can(sandbox, gateway, "list", LLD, ns)
         assert not can(sandbox, gateway, "list", "pods", ns)
+        assert not can(sandbox, gateway, "list", "secrets", ns)
+        assert not can(sandbox, operator, "list", "secrets", ns)
         assert not can(sandbox, gateway, "patch", LLD, ns, "scale")

@@ -7,6 +7,7 @@ objects. Everything waits by polling the API with a deadline.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -136,6 +137,16 @@ class Cluster:
     def pods(self, name: str) -> list[dict[str, Any]]:
         out = self.kubectl("get", "pods", "-l", f"argosy.dev/deployment={name}", "-o", "json").stdout
         return [p for p in json.loads(out)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    def backend_key(self, pod: dict[str, Any]) -> str | None:
+        """The key the pod demands (the operator's Secret, as the gateway reads it); None: none."""
+        key_id = (pod["metadata"].get("annotations") or {}).get("argosy.dev/backend-key-id")
+        if key_id is None:
+            return None
+        deployment = pod["metadata"]["labels"]["argosy.dev/deployment"]
+        secret = self.get("secret", f"{deployment}-backend-key") or {}
+        value = (secret.get("data") or {}).get(f"key-{key_id}")
+        return base64.b64decode(value).decode() if value else None
 
     def node_product(self, node: str) -> str:
         out = self.sandbox.kubectl("get", "node", node, "-o", "json").stdout
@@ -416,10 +427,11 @@ def gpu_pools(sandbox: Sandbox) -> Iterator[GpuPools]:
         pools.delete()
 
 
-def answers(pod: dict[str, Any], model: str) -> bool:
-    """A completion from the pod's own vLLM server (the sandbox's pod runner serves it with the simulator)."""
-    client = openai.OpenAI(base_url=f"http://{pod['status']['podIP']}:8000/v1", api_key="unused",
-                           max_retries=0, timeout=5)
+def answers(cluster: Cluster, pod: dict[str, Any], model: str) -> bool:
+    """A completion from the pod's own vLLM server (the sandbox's pod runner serves it with the simulator),
+    asked with the pod's backend key as the gateway would."""
+    client = openai.OpenAI(base_url=f"http://{pod['status']['podIP']}:8000/v1",
+                           api_key=cluster.backend_key(pod) or "unused", max_retries=0, timeout=5)
     try:
         with client:
             return bool(client.completions.create(model=model, prompt="hi", max_tokens=2).choices)
@@ -443,7 +455,7 @@ def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
             "gpu": {"products": [big, cheap]}}
     cluster.apply("sticky", spec)
     cluster.wait_ready("sticky", 2)
-    wait_for("both pods to answer", lambda: all(answers(p, "sticky") for p in cluster.pods("sticky")))
+    wait_for("both pods to answer", lambda: all(answers(cluster, p, "sticky") for p in cluster.pods("sticky")))
     before = cluster.get("deployment", "sticky")
     assert before is not None and placement_of(cluster, "sticky")["gpuProduct"] == big
     pods = pod_ids(cluster, "sticky")
@@ -464,7 +476,7 @@ def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
     assert "cordoned" in degraded["message"] and "argosy.dev/replan" in degraded["message"]
     assert cluster.condition("sticky", "Ready")["status"] == "True"  # type: ignore[index]
     untouched()
-    assert all(answers(p, "sticky") for p in cluster.pods("sticky"))
+    assert all(answers(cluster, p, "sticky") for p in cluster.pods("sticky"))
 
     gpu_pools.cordon(big_nodes, on=False)
     assert cluster.wait_condition("sticky", "Degraded", "False")["reason"] == "Healthy"
@@ -501,7 +513,7 @@ def test_placement_is_sticky_until_the_spec_changes_or_a_replan_is_asked(
     wait_for("the pods to move back to the big pool", lambda: (
         (ps := cluster.pods("sticky")) and len(ps) == 2 and all(p["spec"].get("nodeName") in big_nodes for p in ps)))
     assert cluster.wait_condition("sticky", "Degraded", "False")["reason"] == "Healthy"
-    wait_for("the moved pods to answer", lambda: all(answers(p, "sticky") for p in cluster.pods("sticky")))
+    wait_for("the moved pods to answer", lambda: all(answers(cluster, p, "sticky") for p in cluster.pods("sticky")))
 
 
 def test_removed_fields_disappear_from_the_pod_template(operator: Operator, cluster: Cluster) -> None:

@@ -9,6 +9,7 @@ it takes a minute or more to start on this machine; the tests run in file order.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -199,6 +200,40 @@ def test_the_openai_sdk_gets_answers_and_errors_from_vllm_through_the_gateway_po
 
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+def _post(url: str, authorization: str | None = None) -> tuple[int, Any]:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": authorization} if authorization else {})}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_vllm_refuses_a_caller_without_the_backend_key_and_the_gateway_pod_sends_it(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    pod = serving.pod
+    key_id = pod["metadata"]["annotations"]["argosy.dev/backend-key-id"]
+    container = pod["spec"]["containers"][0]
+    assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": f"{MODEL}-backend-key", "key": f"key-{key_id}"}}} in container["env"]
+    secret = json.loads(sandbox.kubectl("get", "secret", f"{MODEL}-backend-key", "-n", release.models,
+                                        "-o", "json").stdout)
+    key = base64.b64decode(secret["data"][f"key-{key_id}"]).decode()
+    direct = f"http://{pod['status']['podIP']}:8000"
+    # Straight to the pod, around the gateway: real vLLM's own 401.
+    assert _post(direct) == (401, {"error": "Unauthorized"})
+    assert _post(direct, "Bearer unused") == (401, {"error": "Unauthorized"})
+    # vLLM leaves /health (the kubelet's probes) and /metrics (the autoscaler, the drain) open.
+    assert _get(f"{direct}/health") == 200 and _get(f"{direct}/metrics") == 200
+    # The same request through the gateway pod, whose client sent no key of vLLM's: answered.
+    status, answer = _post(release.gateway_url, "Bearer unused")
+    assert status == 200 and answer["choices"][0]["message"]["content"]
+    assert _post(direct, f"Bearer {key}")[0] == 200  # the key is what made the difference
 
 
 def test_logprobs_come_back_from_vllm_through_the_gateway_pod(release: Release, serving: Serving) -> None:

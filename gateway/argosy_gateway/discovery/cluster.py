@@ -10,15 +10,21 @@ The contract with the operator (docs/gateway.md):
   its port is the container port named ``http`` (default 8000);
 - an LLMDeployment makes its served names known even with no ready pod (503, not 404);
   its names are ``status.servedModelNames``, else ``spec.model.servedModelNames``, else
-  ``metadata.name``; its policy is the annotation ``argosy.dev/routing-policy``.
+  ``metadata.name``; its policy is the annotation ``argosy.dev/routing-policy``;
+- a pod with the annotation ``argosy.dev/backend-key-id`` demands that key (vLLM's
+  VLLM_API_KEY): it is the entry ``key-<id>`` of the Secret labelled
+  ``argosy.dev/backend-key=<deployment>`` in its namespace. The gateway sends it as the
+  bearer token, and routes no request to such a pod before it has read the key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from argosy_gateway.routetable import POLICY_NAMES, DeploymentRef, ModelRoute, RouteTable
@@ -32,10 +38,14 @@ SERVING_ROLES: Final = ("server", "leader")
 DEPLOYMENT_LABEL: Final = "argosy.dev/deployment"
 SERVED_NAMES_ANNOTATION: Final = "argosy.dev/served-model-names"
 POLICY_ANNOTATION: Final = "argosy.dev/routing-policy"
+BACKEND_KEY_LABEL: Final = "argosy.dev/backend-key"
+BACKEND_KEY_ID_ANNOTATION: Final = "argosy.dev/backend-key-id"
+BACKEND_KEY_ENTRY_PREFIX: Final = "key-"
 HTTP_PORT_NAME: Final = "http"
 DEFAULT_PORT: Final = 8000
 PODS: Final = "pods"
 DEPLOYMENTS: Final = "llmdeployments"
+SECRETS: Final = "secrets"
 POD_LABEL_SELECTOR: Final = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{ROLE_LABEL} in ({','.join(SERVING_ROLES)})"
 
 Body = Mapping[str, Any]
@@ -47,6 +57,16 @@ class PodInfo:
     deployment: str | None
     served_names: tuple[str, ...] | None  # None: take the LLMDeployment's names
     endpoint: str | None  # None while the pod is not ready to serve
+    backend_key_id: str | None = None  # the key it demands (argosy.dev/backend-key-id); None: none
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKeys:
+    """One LLMDeployment's backend keys (its Secret), by id."""
+
+    namespace: str
+    deployment: str
+    keys: Mapping[str, str] = field(repr=False)  # never in a log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +123,32 @@ def pod_info(body: Body) -> PodInfo:
         host = f"[{ip}]" if ":" in ip else ip
         endpoint = f"http://{host}:{_http_port(body)}"
     deployment = labels.get(DEPLOYMENT_LABEL)
+    key_id = annotations.get(BACKEND_KEY_ID_ANNOTATION)
     return PodInfo(
         namespace=str(metadata.get("namespace", "")),
         deployment=deployment if isinstance(deployment, str) else None,
         served_names=served,
         endpoint=endpoint,
+        backend_key_id=key_id if isinstance(key_id, str) and key_id else None,
+    )
+
+
+def backend_keys(body: Body) -> BackendKeys:
+    """The keys of a backend-key Secret (its ``data`` is base64, as the API returns it)."""
+    metadata = _mapping(body.get("metadata"))
+    keys: dict[str, str] = {}
+    for entry, value in _mapping(body.get("data")).items():
+        if not (isinstance(entry, str) and entry.startswith(BACKEND_KEY_ENTRY_PREFIX) and isinstance(value, str)):
+            continue
+        try:
+            keys[entry[len(BACKEND_KEY_ENTRY_PREFIX) :]] = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            log.warning("Secret %s: ignoring the malformed entry %s", object_key(body), entry)
+    deployment = _mapping(metadata.get("labels")).get(BACKEND_KEY_LABEL)
+    return BackendKeys(
+        namespace=str(metadata.get("namespace", "")),
+        deployment=deployment if isinstance(deployment, str) else "",
+        keys=keys,
     )
 
 
@@ -158,18 +199,27 @@ class ClusterState:
     def __init__(self) -> None:
         self.pods: dict[str, PodInfo] = {}
         self.deployments: dict[str, DeploymentInfo] = {}
+        self.secrets: dict[str, BackendKeys] = {}
+
+    def _store(self, resource: str) -> tuple[dict[str, Any], Any]:
+        if resource == PODS:
+            return self.pods, pod_info
+        if resource == SECRETS:
+            return self.secrets, backend_keys
+        return self.deployments, deployment_info
 
     def apply(self, resource: str, event_type: str | None, body: Body) -> bool:
-        """Apply one watch event to ``resource`` (PODS or DEPLOYMENTS); True when routes may change."""
+        """Apply one watch event to ``resource`` (PODS, DEPLOYMENTS or SECRETS); True when routes may change."""
         if resource == PODS:
             return self.apply_pod_event(event_type, body)
+        if resource == SECRETS:
+            return self._apply_event(SECRETS, event_type, body)
         return self.apply_deployment_event(event_type, body)
 
     def replace(self, resource: str, namespace: str | None, bodies: Iterable[Body]) -> None:
         """A fresh LIST of ``resource`` in ``namespace`` (None: every namespace) replaces, in one
         step, everything known of it there: objects deleted while no watch ran are gone."""
-        known: dict[str, Any] = self.pods if resource == PODS else self.deployments
-        info = pod_info if resource == PODS else deployment_info
+        known, info = self._store(resource)
         fresh = {object_key(body): info(body) for body in bodies}
         if namespace is None:
             known.clear()
@@ -183,24 +233,28 @@ class ClusterState:
 
         Returns True when the routes may have changed.
         """
-        key = object_key(body)
-        if event_type == "DELETED":
-            return self.pods.pop(key, None) is not None
-        info = pod_info(body)
-        if self.pods.get(key) == info:
-            return False
-        self.pods[key] = info
-        return True
+        return self._apply_event(PODS, event_type, body)
 
     def apply_deployment_event(self, event_type: str | None, body: Body) -> bool:
+        return self._apply_event(DEPLOYMENTS, event_type, body)
+
+    def _apply_event(self, resource: str, event_type: str | None, body: Body) -> bool:
+        known, info_of = self._store(resource)
         key = object_key(body)
         if event_type == "DELETED":
-            return self.deployments.pop(key, None) is not None
-        info = deployment_info(body)
-        if self.deployments.get(key) == info:
+            return known.pop(key, None) is not None
+        info = info_of(body)
+        if known.get(key) == info:
             return False
-        self.deployments[key] = info
+        known[key] = info
         return True
+
+    def _keys_by_deployment(self) -> dict[tuple[str, str], Mapping[str, str]]:
+        found: dict[tuple[str, str], Mapping[str, str]] = {}
+        for secret in self.secrets.values():
+            if secret.deployment:
+                found[(secret.namespace, secret.deployment)] = secret.keys
+        return found
 
     def route_table(self, default_policy: str) -> RouteTable:
         endpoints: dict[str, list[str]] = {}
@@ -213,10 +267,19 @@ class ClusterState:
                     refs.setdefault(name, deployment.ref)
                 if deployment.policy is not None:
                     policies.setdefault(name, deployment.policy)
+        keys = self._keys_by_deployment()
+        upstream_keys: dict[str, str] = {}
         for key in sorted(self.pods):
             pod = self.pods[key]
             if pod.endpoint is None:
                 continue
+            if pod.backend_key_id is not None:
+                backend_key = keys.get((pod.namespace, pod.deployment or ""), {}).get(pod.backend_key_id)
+                if backend_key is None:
+                    # Its key is not read yet (or was revoked): the pod would answer 401.
+                    log.debug("pod %s: waiting for its backend key %s", key, pod.backend_key_id)
+                    continue
+                upstream_keys[pod.endpoint] = backend_key
             owner = self.deployments.get(f"{pod.namespace}/{pod.deployment}") if pod.deployment else None
             names = pod.served_names or (owner.served_names if owner is not None else ())
             for name in names:
@@ -226,6 +289,9 @@ class ClusterState:
                 if owner is not None and owner.policy is not None:
                     policies.setdefault(name, owner.policy)
         return RouteTable.build(
-            ModelRoute(name, tuple(urls), policies.get(name, default_policy), refs.get(name))
-            for name, urls in endpoints.items()
+            (
+                ModelRoute(name, tuple(urls), policies.get(name, default_policy), refs.get(name))
+                for name, urls in endpoints.items()
+            ),
+            upstream_keys,
         )

@@ -1,6 +1,10 @@
-"""Kubernetes discovery: LIST, then watch, LLMDeployments and serving Pods with lightkube.
+"""Kubernetes discovery: LIST, then watch, LLMDeployments, serving Pods and backend keys with lightkube.
 
-For each watched namespace (or all of them) and each of the two resources, one follower:
+The backend keys are the operator's Secrets labelled ``argosy.dev/backend-key`` (the label
+selector is sent to the API server, so no other Secret reaches the gateway); each pod's key
+becomes the bearer token the gateway sends it.
+
+For each watched namespace (or all of them) and each of the three resources, one follower:
 
 1. LISTs the objects and replaces what the state knew of them in that scope, all at once;
 2. watches from the LIST's resourceVersion, applying every event;
@@ -28,15 +32,18 @@ import httpx2 as httpx
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError, ConfigError
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.resources.core_v1 import Pod
+from lightkube.operators import exists
+from lightkube.resources.core_v1 import Pod, Secret
 
 from argosy_gateway.discovery import Publish
 from argosy_gateway.discovery.cluster import (
+    BACKEND_KEY_LABEL,
     DEPLOYMENTS,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
     PODS,
     ROLE_LABEL,
+    SECRETS,
     SERVING_ROLES,
     ClusterState,
 )
@@ -52,6 +59,12 @@ WATCH_SERVER_TIMEOUT_SECONDS = 300  # the API server ends each watch after this;
 REQUEST_TIMEOUT_SECONDS = 10.0
 RETRY_DELAYS_SECONDS = (0.2, 1.0, 2.0, 5.0)  # after consecutive failures; the last one repeats
 POD_LABELS: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY_VALUE, ROLE_LABEL: list(SERVING_ROLES)}
+SECRET_LABELS: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGED_BY_VALUE, BACKEND_KEY_LABEL: exists()}
+KINDS: Mapping[str, tuple[Any, Mapping[str, Any] | None]] = {
+    PODS: (Pod, POD_LABELS),
+    DEPLOYMENTS: (LLMDeployment, None),
+    SECRETS: (Secret, SECRET_LABELS),
+}
 
 
 def load_kubeconfig(path: Path | None) -> KubeConfig:
@@ -86,10 +99,12 @@ class KubernetesDiscovery:
     async def run(self, publish: Publish) -> None:
         self._publish = publish
         scopes = list(dict.fromkeys(self.settings.namespaces)) or [ALL_NAMESPACES]
-        self._pending = {(resource, scope) for resource in (DEPLOYMENTS, PODS) for scope in scopes}
+        kinds = [k for k in KINDS if k != SECRETS or self.settings.backend_keys]
+        self._pending = {(resource, scope) for resource in kinds for scope in scopes}
         client = await self._connect()
         log.info(
-            "watching LLMDeployments and serving pods in %s", ", ".join(self.settings.namespaces) or "all namespaces"
+            "watching LLMDeployments, serving pods and backend keys in %s",
+            ", ".join(self.settings.namespaces) or "all namespaces",
         )
         try:
             async with asyncio.TaskGroup() as group:
@@ -111,8 +126,7 @@ class KubernetesDiscovery:
                 await asyncio.sleep(_delay(failures))
 
     async def _follow(self, client: AsyncClient, resource: str, scope: str) -> None:
-        kind = Pod if resource == PODS else LLMDeployment
-        labels = POD_LABELS if resource == PODS else None
+        kind, labels = KINDS[resource]
         namespace = scope
         failures = 0
         while True:

@@ -7,6 +7,8 @@ from argosy_operator.planner.facts import (
     find_shipped,
     parameter_count,
     parameter_counts,
+    remote_code_classes,
+    remote_code_note,
     resolve_facts,
     shipped_models,
 )
@@ -39,6 +41,8 @@ __all__ = [
     "parameter_counts",
     "plan",
     "plan_for_spec",
+    "remote_code_classes",
+    "remote_code_note",
     "request_from_spec",
     "resolve_facts",
     "shipped_models",

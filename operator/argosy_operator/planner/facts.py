@@ -24,6 +24,39 @@ class ShippedModel:
     facts: ModelFacts
 
 
+def remote_code_classes(config: object) -> tuple[str, ...]:
+    """The repository code a config.json maps its classes to (`auto_map`), sorted; () for none.
+
+    Such a model loads only with --trust-remote-code (spec.model.trustRemoteCode): vLLM then runs
+    that code in the serving pods. The planner never runs it: it sizes from the config's numbers.
+    """
+    if not isinstance(config, dict):
+        return ()
+    mapping = config.get("auto_map")
+    if not isinstance(mapping, dict):
+        return ()
+    found: set[str] = set()
+    for value in mapping.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item:
+                found.add(item)
+    return tuple(sorted(found))
+
+
+def remote_code_note(config: object, trusted: bool) -> str | None:
+    """What `plan` says about a config.json's remote code, or None when it maps none."""
+    classes = remote_code_classes(config)
+    if not classes:
+        return None
+    where = ", ".join(classes)
+    if trusted:
+        return (f"the model's repository code ({where}) will run in the serving pods; the planner sized it from "
+                "config.json's numbers alone and never runs that code")
+    return (f"config.json maps the model to repository code ({where}): vLLM refuses to load it without "
+            "--trust-remote-code (spec.model.trustRemoteCode: true); the sizing above reads config.json's "
+            "numbers only")
+
+
 def facts_from_hf_config(config: dict[str, Any]) -> ModelFacts:
     """ModelFacts from a Hugging Face config.json (multimodal configs: their text_config)."""
     if not isinstance(config, dict):

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from . import versions
 from .build import Reporter, _print, file_lock
@@ -179,6 +180,7 @@ def _run_logged(argv: list[str], env: dict[str, str], log_file, report: Reporter
 
 
 PARSE_SERVE_ARGS = RUNTIME_FILES / "parse_serve_args.py"
+CHECK_AUTH = RUNTIME_FILES / "check_auth.py"
 
 
 def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[dict[str, object]]:
@@ -187,16 +189,30 @@ def parse_serve_args(argvs: list[list[str]], report: Reporter = _print) -> list[
     One subprocess for the whole batch. Each result is {"ok": True, "parsed": {...}} or
     {"ok": False, "error": "..."} (vLLM's own message), in the order of `argvs`.
     """
+    results: list[dict[str, object]] = _run_json(PARSE_SERVE_ARGS, argvs, "vLLM's argument parser", report)
+    return results
+
+
+def check_auth(cases: list[dict[str, object]], report: Reporter = _print) -> list[object]:
+    """vLLM's own API-key middleware's answers to each case's requests (runtime/check_auth.py).
+
+    One subprocess for the whole batch; a case is {"argv", "env", "requests": [[method, path, auth]]}.
+    """
+    results: list[object] = _run_json(CHECK_AUTH, cases, "vLLM's API-key middleware", report)
+    return results
+
+
+def _run_json(script: Path, payload: object, what: str, report: Reporter) -> Any:
+    """Run one of the runtime's scripts in the serving runtime's python: JSON on stdin, JSON from stdout."""
     ensure_runtime(report)
     result = subprocess.run(
-        [str(runtime_python()), "-P", str(PARSE_SERVE_ARGS)],
-        input=json.dumps(argvs),
+        [str(runtime_python()), "-P", str(script)],
+        input=json.dumps(payload),
         env={**os.environ, **runtime_env()},
         capture_output=True,
         text=True,
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeInstallError(f"vLLM's argument parser could not run (exit {result.returncode}):\n{result.stderr}")
-    results: list[dict[str, object]] = json.loads(result.stdout)
-    return results
+        raise RuntimeInstallError(f"{what} could not run (exit {result.returncode}):\n{result.stderr}")
+    return json.loads(result.stdout)

@@ -51,6 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
         default=0.0,
         help="on SIGTERM: 0 aborts requests in flight (vLLM's default); N waits up to N s for them",
     )
+    parser.add_argument(
+        "--api-key",
+        nargs="+",
+        default=None,
+        help="keys a caller of /v1/* must send as a bearer token (default: $VLLM_API_KEY), as vLLM's --api-key",
+    )
     group = parser.add_argument_group(
         "groups", "one member of a replica that spans nodes (vLLM's --nnodes): see argosy_vllm_sim/group.py")
     group.add_argument("--group-size", type=int, default=1, help="leader: members, itself included")
@@ -60,6 +66,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
     args = parser.parse_args(argv)
     if args.headless and not args.leader:
         parser.error("--headless needs --leader HOST:PORT")
+    # As vLLM: --api-key wins over $VLLM_API_KEY.
+    api_keys = tuple(args.api_key or [os.environ.get("VLLM_API_KEY") or ""])
     try:
         return args, SimConfig(
             models=tuple(args.model),
@@ -76,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, S
             kv_cache_tokens=args.kv_cache_tokens,
             prompt_tokens_details=args.enable_prompt_tokens_details,
             shutdown_timeout=args.shutdown_timeout,
+            api_keys=api_keys,
         )
     except ValueError as err:
         parser.error(str(err))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import itertools
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -61,10 +64,13 @@ class SimConfig:
     # vLLM's --shutdown-timeout: on SIGTERM, 0 (vLLM's default) aborts the requests in flight; N > 0
     # stops taking new ones and gives those in flight up to N seconds to finish.
     shutdown_timeout: float = 0.0
+    # vLLM's --api-key (several allowed) or, without it, $VLLM_API_KEY: callers of /v1/* need one.
+    api_keys: tuple[str, ...] = ()
     model_created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "api_keys", tuple(k for k in self.api_keys if k))
         if not self.models:
             raise ValueError("the simulator needs at least one model name")
         if min(self.ttft_ms, self.itl_ms, self.prefill_ms_per_token, self.shutdown_timeout) < 0:
@@ -431,11 +437,36 @@ def _label_value(value: str) -> str:
 
 SIMULATOR_KEY: web.AppKey[_Simulator] = web.AppKey("argosy_vllm_sim", _Simulator)
 
+# What vLLM 0.32's AuthenticationMiddleware guards (vllm/entrypoints/serve/middleware/authenticate.py):
+# these path prefixes, every method but OPTIONS; /health, /metrics, /tokenize and the rest stay open.
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+
+
+def _key_guard(api_keys: tuple[str, ...]) -> Any:
+    digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "OPTIONS" and request.path.startswith(GUARDED_PREFIXES):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            given = hashlib.sha256(token.encode()).digest()
+            matched = False
+            for digest in digests:
+                matched |= hmac.compare_digest(given, digest)
+            if scheme.lower() != "bearer" or not matched:
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return guard
+
 
 def build_app(config: SimConfig) -> web.Application:
     """The simulator as an aiohttp application (one engine serving every name in config.models)."""
     simulator = _Simulator(config)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(
+        client_max_size=64 * 1024 * 1024, middlewares=[_key_guard(config.api_keys)] if config.api_keys else []
+    )
     app[SIMULATOR_KEY] = simulator
     app.router.add_post("/v1/chat/completions", simulator.chat_completions)
     app.router.add_post("/v1/completions", simulator.completions)

@@ -28,13 +28,23 @@ SIM_BIN = Path(sys.executable).with_name("argosy-vllm-sim")
 class Simulator:
     """One ``argosy-vllm-sim`` process on 127.0.0.1 (killable, like a real pod)."""
 
-    def __init__(self, models: Sequence[str], *, ttft_ms: float = 0, itl_ms: float = 0, max_num_seqs: int = 256):
+    def __init__(
+        self,
+        models: Sequence[str],
+        *,
+        ttft_ms: float = 0,
+        itl_ms: float = 0,
+        max_num_seqs: int = 256,
+        api_keys: Sequence[str] = (),
+    ):
         self.models = tuple(models)
         self.port = free_port()
         args = [str(SIM_BIN), "--host", "127.0.0.1", "--port", str(self.port)]
         for model in self.models:
             args += ["--model", model]
         args += ["--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--max-num-seqs", str(max_num_seqs)]
+        if api_keys:  # as vLLM's --api-key: /v1/* answers 401 without one of them
+            args += ["--api-key", *api_keys]
         # A file, not a pipe: nobody reads a pipe during the test, and a full one would block the simulator.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in kill()
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._stderr)

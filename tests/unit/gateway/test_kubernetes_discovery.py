@@ -9,6 +9,7 @@ demand in a real API server; tests/e2e/test_gateway_k8s.py runs it against the s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from argosy_gateway.discovery.cluster import DEPLOYMENTS, POD_LABEL_SELECTOR, PODS, ClusterState
+from argosy_gateway.discovery.cluster import DEPLOYMENTS, POD_LABEL_SELECTOR, PODS, SECRETS, ClusterState
 from argosy_gateway.discovery.kubernetes import load_kubeconfig
 from argosy_gateway.routetable import ModelRoute
 
@@ -36,8 +37,11 @@ def pod(
     role: str = "server",
     port: int | None = None,
     deleting: bool = False,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
     annotations = {}
+    if key_id is not None:
+        annotations["argosy.dev/backend-key-id"] = key_id
     if names is not None:
         annotations["argosy.dev/served-model-names"] = names if isinstance(names, str) else json.dumps(names)
     metadata: dict[str, Any] = {
@@ -86,6 +90,44 @@ def llm_deployment(
     if policy is not None:
         body["metadata"]["annotations"]["argosy.dev/routing-policy"] = policy
     return body
+
+
+def backend_key_secret(deployment: str, keys: dict[str, str], namespace: str = "team-a") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"{deployment}-backend-key",
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "argosy-operator", "argosy.dev/backend-key": deployment},
+        },
+        "data": {f"key-{i}": base64.b64encode(k.encode()).decode() for i, k in keys.items()},
+    }
+
+
+def test_a_pod_is_routed_with_its_own_backend_key_and_only_once_the_key_is_known() -> None:
+    state = ClusterState()
+    state.apply(DEPLOYMENTS, "ADDED", llm_deployment("llama"))
+    state.apply(PODS, "ADDED", pod("old", "127.0.10.1", names=["llama"], key_id="a"))
+    state.apply(PODS, "ADDED", pod("new", "127.0.10.2", names=["llama"], key_id="b"))
+    state.apply(PODS, "ADDED", pod("open", "127.0.10.3", names=["llama"]))  # a pod started without a key
+    table = state.route_table(DEFAULT)
+    # Without the Secret, the keyed pods would answer 401: not routed yet.
+    assert table.get("llama") == ModelRoute("llama", ("http://127.0.10.3:8000",), DEFAULT)
+    assert state.apply(SECRETS, "ADDED", backend_key_secret("llama", {"a": "key-a"}))
+    table = state.route_table(DEFAULT)
+    assert set(table.get("llama").endpoints) == {"http://127.0.10.1:8000", "http://127.0.10.3:8000"}
+    assert state.apply(SECRETS, "MODIFIED", backend_key_secret("llama", {"a": "key-a", "b": "key-b"}))
+    table = state.route_table(DEFAULT)
+    assert set(table.get("llama").endpoints) == {f"http://127.0.10.{i}:8000" for i in (1, 2, 3)}
+    # Each pod gets its own key; the client's Authorization is never among the forwarded headers.
+    forwarded = {"Content-Type": "application/json"}
+    assert table.upstream_headers("http://127.0.10.1:8000", forwarded)["Authorization"] == "Bearer key-a"
+    assert table.upstream_headers("http://127.0.10.2:8000", forwarded)["Authorization"] == "Bearer key-b"
+    assert "Authorization" not in table.upstream_headers("http://127.0.10.3:8000", forwarded)
+    assert "key-a" not in repr(table) and "key-a" not in repr(state.secrets)  # keys stay out of logs
+    # Another namespace's Secret of the same name gives no key here; deleting ours revokes at once.
+    state.apply(SECRETS, "DELETED", backend_key_secret("llama", {}))
+    state.apply(SECRETS, "ADDED", backend_key_secret("llama", {"a": "x", "b": "y"}, namespace="team-b"))
+    assert state.route_table(DEFAULT).get("llama").endpoints == ("http://127.0.10.3:8000",)
 
 
 def test_ready_pod_serves_its_annotated_names_on_the_http_port() -> None:
@@ -226,15 +268,16 @@ class FakeApiServer:
     """
 
     def __init__(self) -> None:
-        self.objects: dict[str, dict[str, dict[str, Any]]] = {PODS: {}, DEPLOYMENTS: {}}
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {PODS: {}, DEPLOYMENTS: {}, SECRETS: {}}
         self.version = 100
         self.hold_lists = asyncio.Event()
         self.hold_lists.set()
         self.lists: list[str] = []
-        self.watches: dict[str, list[asyncio.Queue[Any]]] = {PODS: [], DEPLOYMENTS: []}
+        self.watches: dict[str, list[asyncio.Queue[Any]]] = {PODS: [], DEPLOYMENTS: [], SECRETS: []}
         self.tokens: set[str] = set()
         app = web.Application()
         app.router.add_get("/api/v1/pods", self.handle)
+        app.router.add_get("/api/v1/secrets", self.handle)
         app.router.add_get("/apis/argosy.dev/v1alpha1/llmdeployments", self.handle)
         self.runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1)
         self.port = free_port()
@@ -251,10 +294,13 @@ class FakeApiServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.tokens.add(request.headers.get("Authorization", ""))
-        resource = PODS if request.path.endswith("/pods") else DEPLOYMENTS
+        resource = next((r for r in (PODS, SECRETS) if request.path.endswith("/" + r)), DEPLOYMENTS)
         if resource == PODS:
             selector = request.query["labelSelector"]  # the serving pods only, selected by the API server
             assert selector == "app.kubernetes.io/managed-by=argosy-operator,argosy.dev/role in (leader,server)"
+        if resource == SECRETS:  # the operator's backend keys only: no other Secret reaches the gateway
+            selector = request.query["labelSelector"]
+            assert selector == "app.kubernetes.io/managed-by=argosy-operator,argosy.dev/backend-key"
         if request.query.get("watch") != "true":
             self.lists.append(resource)
             await self.hold_lists.wait()
@@ -342,7 +388,7 @@ async def test_ready_only_after_the_first_full_list_and_never_404_before(
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
     gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
-    await eventually(lambda: len(api_server.lists) == 2)
+    await eventually(lambda: len(api_server.lists) == 3)
     async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
         assert response.status == 503
     assert await chat_status(gateway, "llama") == 503  # "starting", never "no such model"
@@ -402,3 +448,51 @@ async def test_gateway_is_not_ready_while_the_api_server_cannot_be_read(
         assert response.status == 503
     assert not gateway.runtime.loaded
     assert await chat_status(gateway, "llama") == 503
+
+
+@pytest.mark.timeout(60)
+async def test_the_gateway_replaces_the_clients_key_with_the_pods_backend_key(
+    gateway_factory, api_server: FakeApiServer, spawn_sim, tmp_path: Path
+) -> None:
+    sim = spawn_sim(["llama"], api_keys=["backend-key-a"])
+    api_server.put(DEPLOYMENTS, llm_deployment("llama"))
+    api_server.put(PODS, pod("p1", "127.0.0.1", names=["llama"], port=sim.port, key_id="a"))
+    api_server.put(SECRETS, backend_key_secret("llama", {"a": "backend-key-a"}))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    await gateway.wait_loaded()
+    body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+        # Straight to the pod, with no key or the client's own: vLLM's 401.
+        for headers in ({}, {"Authorization": "Bearer client-key"}):
+            async with http.post(sim.url + "/v1/chat/completions", json=body, headers=headers) as direct:
+                assert (direct.status, await direct.json()) == (401, {"error": "Unauthorized"})
+        # Through the gateway with the client's key: the pod's key is sent instead, and it answers.
+        async with http.post(
+            gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer client-key"}
+        ) as routed:
+            assert routed.status == 200, await routed.text()
+            assert (await routed.json())["usage"]["completion_tokens"] >= 1
+        # A rotated Secret: the pod (still on key a) keeps working; a pod on key b joins only with b.
+        watch = await api_server.watching(SECRETS)
+        watch.put_nowait({"type": "MODIFIED", "object": backend_key_secret("llama", {"a": "backend-key-a", "b": "k"})})
+        await eventually(lambda: f"http://127.0.0.1:{sim.port}" in gateway.runtime.table.upstream_keys)
+        async with http.post(gateway.url + "/v1/chat/completions", json=body) as routed:
+            assert routed.status == 200
+
+
+@pytest.mark.timeout(60)
+async def test_without_backend_keys_the_gateway_never_asks_for_secrets(
+    gateway_factory, api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    api_server.put(DEPLOYMENTS, llm_deployment("llama"))
+    api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    gateway = await gateway_factory(
+        wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig, backend_keys=False
+    )
+    await gateway.wait_loaded()
+    assert endpoints(gateway, "llama") == ("http://127.0.10.1:8000",)
+    assert sorted(api_server.lists) == [DEPLOYMENTS, PODS]

@@ -127,6 +127,33 @@ def test_config_json_for_any_model(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["weightsGiB"] == pytest.approx(2.3, abs=0.1)
 
 
+BAICHUAN_STYLE = {
+    "architectures": ["BaichuanForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                 "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
+    "vocab_size": 64000, "max_position_embeddings": 4096, "torch_dtype": "float16",
+}
+
+
+@pytest.mark.parametrize(("trusted", "said"), [(False, "warning"), (True, "note")])
+def test_remote_code_is_named_and_the_sizing_reads_config_json_either_way(
+    tmp_path: Path, trusted: bool, said: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(BAICHUAN_STYLE))
+    flags = ["--trust-remote-code"] if trusted else []
+    result = plan("--config", str(config), *L4, "--output", "json", *flags)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["weightsGiB"] == pytest.approx(13.0, abs=0.5)  # 7B in float16, either way
+    assert f"{said}: " in result.stderr
+    assert "configuration_baichuan.BaichuanConfig, modeling_baichuan.BaichuanForCausalLM" in result.stderr
+    assert ("--trust-remote-code" in result.stderr) is not trusted
+    plain = {k: v for k, v in BAICHUAN_STYLE.items() if k != "auto_map"}
+    config.write_text(json.dumps(plain))
+    assert plan("--config", str(config), *L4, *flags).stderr == ""  # no remote code: nothing to say
+
+
 def test_unknown_model_names_the_known_ones() -> None:
     result = plan("--model", "acme/nope", *H100)
     assert result.returncode == 2

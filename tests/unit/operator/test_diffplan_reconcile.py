@@ -57,10 +57,39 @@ class FakeApi:
             return _status(self.fail_apply)
         if applying and path in self.existing and request.url.params.get("force") != "true":
             return _status(ApiError(409, "Conflict", 'Apply failed with 1 conflict: conflict with "kubectl"'))
+        if request.method == "PATCH" and "/secrets/" in path and path in self.existing:
+            stored = _merge(self.existing[path], body)
+            stored["metadata"]["resourceVersion"] = str(int(stored["metadata"]["resourceVersion"]) + 1)
+            self.existing[path] = stored
+            return httpx2.Response(200, json=stored)
+        if request.method == "DELETE" and path in self.existing:
+            del self.existing[path]
+            return httpx2.Response(200, json={})
+        if request.method == "POST" and path.endswith("/secrets"):  # the backend key: kept, as a server would
+            stored = {**body, "metadata": {**body["metadata"], "uid": "uid-secret", "resourceVersion": "1"}}
+            self.existing[f"{path}/{body['metadata']['name']}"] = stored
+            return httpx2.Response(201, json=stored)
         return httpx2.Response(201 if request.method == "POST" else 200, json=body or {})
+
+    def backend_key(self) -> dict[str, Any] | None:
+        """The backend-key Secret as the watch cache would hold it."""
+        return self.existing.get("/api/v1/namespaces/ns/secrets/m-backend-key")
 
     def of(self, method: str, suffix: str = "") -> list[tuple[str, str, dict[str, Any] | None, Any]]:
         return [c for c in self.calls if c[0] == method and c[1].endswith(suffix)]
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _status(error: ApiError) -> httpx2.Response:
@@ -94,7 +123,15 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
                                              "/apis/apps/v1/namespaces/ns/deployments/m"]
     # Missing from the cache: the first apply is not forced (it creates, and cannot take over), one call each.
     assert all(c[2] == {"fieldManager": "argosy-operator"} for c in applies)
-    assert not api.of("GET")
+    # The backend key: read afresh (none), then created; the pods read it as VLLM_API_KEY.
+    assert [c[1] for c in api.of("GET")] == ["/api/v1/namespaces/ns/secrets/m-backend-key"]
+    ((_, _, _, secret),) = api.of("POST", "/secrets")
+    key_id = secret["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+    (deployment,) = [c[3] for c in applies if c[1].endswith("/deployments/m")]
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["argosy.dev/backend-key-id"] == key_id
+    assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "m-backend-key", "key": f"key-{key_id}"}}} \
+        in template["spec"]["containers"][0]["env"]
     ((_, _, _, patch),) = api.of("PATCH", "/llmdeployments/m/status")
     status = patch["status"]
     assert status["observedGeneration"] == 1
@@ -190,7 +227,8 @@ async def test_cordoned_pool_degrades_the_model_and_touches_no_child() -> None:
     api.calls.clear()
     cordoned = tuple({**n, "spec": {"unschedulable": n["metadata"]["name"] == "l4-0"}} for n in NODES)
     body = {**lld(spec, status=written), "metadata": {**lld(spec)["metadata"], "resourceVersion": "11"}}
-    assert await reconcile(context, Observation(("ns", "m"), body, cordoned, children)) == Done()
+    observed = Observation(("ns", "m"), body, cordoned, children, backend_key=api.backend_key())
+    assert await reconcile(context, observed) == Done()
     assert [c[0] for c in api.calls if not c[1].endswith(("/status", "/events"))] == []  # no apply, no delete
     assert hub.lookups == 1  # a kept placement needs no model facts
     ((_, _, _, patch),) = api.of("PATCH", "/status")
@@ -290,3 +328,100 @@ async def test_an_unlabelled_leader_gets_the_leader_role_and_the_served_names() 
     assert path == "/api/v1/namespaces/ns/pods/m-g0-0"
     assert body == {"metadata": {"labels": {"argosy.dev/role": "leader"},
                                  "annotations": {"argosy.dev/served-model-names": '["m"]'}}}
+
+
+def _key_pod(name: str, key_id: str | None) -> dict[str, Any]:
+    annotations = {"argosy.dev/backend-key-id": key_id} if key_id else {}
+    return {"metadata": {"name": name, "annotations": annotations},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def _template(api: FakeApi) -> dict[str, Any]:
+    (deployment,) = [c[3] for c in api.of("PATCH", "/deployments/m")]
+    return dict(deployment["spec"]["template"])
+
+
+def _with_annotation(body: dict[str, Any], value: str, version: str) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {**body, "metadata": {**meta, "resourceVersion": version,
+                                 "annotations": {"argosy.dev/rotate-backend-key": value}}}
+
+
+async def _keyed_start() -> tuple[FakeApi, ReconcileContext, dict[str, Any], str]:
+    """A first pass: the API, its context, the backend-key Secret it made and its key id."""
+    api = FakeApi()
+    context = ctx(api)
+    await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES))
+    secret = api.backend_key()
+    assert secret is not None
+    return api, context, secret, secret["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+
+
+async def test_a_rotation_adds_a_key_rolls_the_pods_and_drops_the_old_key_once_no_pod_uses_it() -> None:
+    api, context, first, old = await _keyed_start()
+    written = api.of("PATCH", "/status")[0][3]["status"]
+    children = applied_children(api)
+
+    # A restarted operator (a new context) with the Secret in its cache: the same key, nothing written to it.
+    api.calls.clear()
+    body = {**lld(SMALL, status=written), "metadata": {**lld(SMALL)["metadata"], "resourceVersion": "11"}}
+    await reconcile(ctx(api), Observation(("ns", "m"), body, NODES, children, (_key_pod("m-a", old),),
+                                          backend_key=api.backend_key()))
+    assert not [c for c in api.calls if "/secrets" in c[1]]
+    assert not api.of("PATCH", "/deployments/m")  # the pods keep their key: no roll
+
+    # Rotation requested while the old pod serves: a new key next to the old one, the template names it.
+    api.calls.clear()
+    rotating = _with_annotation(body, "2026-01-01", "12")
+    await reconcile(context, Observation(("ns", "m"), rotating, NODES, children, (_key_pod("m-a", old),),
+                                         backend_key=api.backend_key()))
+    ((_, _, _, patch),) = api.of("PATCH", "/secrets/m-backend-key")
+    assert patch["metadata"]["resourceVersion"] == "1"  # written against what was read
+    rotated = api.backend_key()
+    assert rotated is not None
+    new = rotated["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+    assert new != old and set(rotated["data"]) == {f"key-{old}", f"key-{new}"}
+    assert rotated["data"][f"key-{old}"] == first["data"][f"key-{old}"]  # the old key is unchanged
+    assert rotated["metadata"]["annotations"]["argosy.dev/backend-key-rotated-for"] == "2026-01-01"
+    assert _template(api)["metadata"]["annotations"]["argosy.dev/backend-key-id"] == new
+
+    # A pass whose cache still shows the Secret before the rotation: read afresh, no second rotation.
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), rotating, NODES, children,
+                                         (_key_pod("m-a", old), _key_pod("m-b", new)), backend_key=first))
+    assert not api.of("PATCH", "/secrets/m-backend-key") and api.backend_key() == rotated
+
+    # The roll is over: no pod carries the old id, so its entry goes.
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), rotating, NODES, children, (_key_pod("m-b", new),),
+                                         backend_key=rotated))
+    ((_, _, _, patch),) = api.of("PATCH", "/secrets/m-backend-key")
+    assert patch["data"] == {f"key-{old}": None}
+    final = api.backend_key()
+    assert final is not None and set(final["data"]) == {f"key-{new}"}
+
+
+async def test_turning_the_key_off_starts_pods_without_it_and_deletes_the_secret_once_unused() -> None:
+    api, context, secret, old = await _keyed_start()
+    off = {**SMALL, "backendKey": {"enabled": False}}
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), lld(off), NODES, (), (_key_pod("m-a", old),),
+                                         backend_key=secret))
+    template = _template(api)
+    assert "argosy.dev/backend-key-id" not in template["metadata"]["annotations"]
+    assert "VLLM_API_KEY" not in {e["name"] for e in template["spec"]["containers"][0].get("env") or ()}
+    assert api.backend_key() is not None  # the old pod still needs it
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), lld(off), NODES, (), (_key_pod("m-b", None),),
+                                         backend_key=secret))
+    assert api.of("DELETE", "/secrets/m-backend-key") and api.backend_key() is None
+
+
+async def test_an_install_without_backend_keys_touches_no_secret_and_starts_pods_without_a_key() -> None:
+    api = FakeApi()
+    context = ReconcileContext(api=api.kube, clock=lambda: NOW, backend_keys=False)
+    assert await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES)) == Done()
+    assert not [c for c in api.calls if "/secrets" in c[1]]
+    template = _template(api)
+    assert "argosy.dev/backend-key-id" not in template["metadata"]["annotations"]
+    assert "VLLM_API_KEY" not in {e["name"] for e in template["spec"]["containers"][0].get("env") or ()}

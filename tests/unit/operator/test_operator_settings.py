@@ -34,3 +34,9 @@ def test_environment_fills_what_flags_leave_out() -> None:
     assert settings.workers == 1  # at least one worker
     assert not settings.hub_lookup and settings.hub_endpoint == "http://127.0.0.1:5000"
     assert settings.kubeconfig == "/etc/kube"
+
+
+def test_backend_keys_are_on_unless_the_install_turns_them_off() -> None:
+    assert settings_from_args(argparse.Namespace(), env={}).backend_keys
+    off = settings_from_args(argparse.Namespace(), env={"ARGOSY_OPERATOR_BACKEND_KEYS": "false"})
+    assert not off.backend_keys

@@ -18,8 +18,11 @@ def _rules(objects: list[dict[str, Any]], component: str) -> list[tuple[str, dic
     ]
 
 
-def test_no_wildcards_and_no_secrets_by_default(render):
-    for values in ({}, {"watchNamespaces": ["team-a"]}):
+OFF = {"backendKeys": {"enabled": False}}
+
+
+def test_no_wildcards_and_no_secrets_without_backend_keys(render):
+    for values in (OFF, {**OFF, "watchNamespaces": ["team-a"]}):
         objects = render(values)
         for component in ("operator", "gateway"):
             rules = _rules(objects, component)
@@ -63,6 +66,12 @@ def test_gateway_reads_and_its_one_write_is_waking_a_model(render):
         # Scale from zero: patch (not update, not get) on the scale subresource only.
         assert writes == {("argosy.dev", "llmdeployments/scale", "patch")}
         resources = {r for _, rule in _rules(render(values), "gateway") for r in rule["resources"]}
+        assert resources == {"llmdeployments", "llmdeployments/scale", "pods", "secrets"}
+        # The backend keys: list/watch (with a label selector the gateway sends); never get by name.
+        secret_verbs = {v for _, rule in _rules(render(values), "gateway") if "secrets" in rule["resources"]
+                        for v in rule["verbs"]}
+        assert secret_verbs == {"list", "watch"}
+        resources = {r for _, rule in _rules(render({**values, **OFF}), "gateway") for r in rule["resources"]}
         assert resources == {"llmdeployments", "llmdeployments/scale", "pods"}
 
 
@@ -84,6 +93,7 @@ def test_operator_writes_only_its_children_status_and_events(render):
         ("", "events"),
         ("", "pods"),  # a group's leader label, and restarting a group whose member failed
         ("coordination.k8s.io", "leases"),
+        ("", "secrets"),  # the backend keys it owns (backendKeys.enabled)
     }
     pod_verbs = {verb for _, rule in _rules(render(), "operator") if "pods" in rule["resources"]
                  for verb in rule["verbs"]}
@@ -104,11 +114,14 @@ def test_secrets_are_readable_by_the_operator_only_when_opted_in(render):
     def secret_rules(objects):
         return [rule for _, rule in _rules(objects, "operator") if "secrets" in rule["resources"]]
 
-    assert not secret_rules(render())
-    opted_in = secret_rules(render({"operator": {"readHfTokenSecrets": True}, "watchNamespaces": ["team-a"]}))
+    assert not secret_rules(render(OFF))
+    opted_in = secret_rules(render({**OFF, "operator": {"readHfTokenSecrets": True}, "watchNamespaces": ["team-a"]}))
     assert opted_in == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
-    for _, rule in _rules(render({"operator": {"readHfTokenSecrets": True}}), "gateway"):
+    for _, rule in _rules(render({**OFF, "operator": {"readHfTokenSecrets": True}}), "gateway"):
         assert "secrets" not in rule["resources"]
+    # Backend keys (the default) need the operator to keep its Secrets.
+    assert secret_rules(render()) == [{"apiGroups": [""], "resources": ["secrets"],
+                                       "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(render):
