@@ -229,7 +229,7 @@ def test_vllm_refuses_a_caller_without_the_backend_key_and_the_gateway_pod_sends
     assert _post(direct) == (401, {"error": "Unauthorized"})
     assert _post(direct, "Bearer unused") == (401, {"error": "Unauthorized"})
     # vLLM leaves /health (the kubelet's probes) and /metrics (the autoscaler, the drain) open.
-    assert _get(f"{direct}/health") == 200 and _get(f"{direct}/metrics") == 200
+    assert chart.http_status(f"{direct}/health") == 200 and chart.http_status(f"{direct}/metrics") == 200
     # The same request through the gateway pod, whose client sent no key of vLLM's: answered.
     status, answer = _post(release.gateway_url, "Bearer unused")
     assert status == 200 and answer["choices"][0]["message"]["content"]
