@@ -1,5 +1,6 @@
 """Drains that lose nothing: streams in flight on a pod that a scale-down or a rollout removes all
-end normally, as the OpenAI SDK sees them through the gateway.
+end normally, as the OpenAI SDK sees them through the gateway; and on the leader of a multi-node
+group that a scale-down removes with its worker.
 
 The operator and the gateway run as local processes; the sandbox's pod runner serves each vLLM pod
 with the simulator and stops a deleted pod as a kubelet does (the pod's preStop hook, SIGTERM, the
@@ -24,6 +25,7 @@ import openai
 import pytest
 from test_gateway_k8s import FACTS, GatewayProcess
 from test_operator import Cluster, operator, wait_for  # noqa: F401 (operator: the fixture every test here uses)
+from test_real_vllm_group import FACTS as FACTS_14B  # 27.5 GiB of bf16 weights: more than one L4 holds
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420), pytest.mark.usefixtures("crd", "operator")]
 
@@ -40,6 +42,15 @@ def drained(replicas: int, **engine: Any) -> dict[str, Any]:
         "engine": {"maxModelLen": 4096, "terminationGracePeriodSeconds": 60,
                    "env": [{"name": "ARGOSY_VLLM_SIM_ITL_MS", "value": str(ITL_MS)}], **engine},
     }
+
+
+def grouped(replicas: int) -> dict[str, Any]:
+    """Replicas of two pods each on the sandbox's L4 nodes (tensor 1 x pipeline 2, vLLM's mp executor)."""
+    spec = drained(replicas)
+    spec["model"]["facts"] = FACTS_14B
+    spec["gpu"] = {"count": "auto", "products": ["NVIDIA-L4"]}
+    spec["engine"].update(maxModelLen=512, distributedExecutor="mp")
+    return spec
 
 
 @dataclass
@@ -200,3 +211,38 @@ def test_a_rollout_finishes_the_streams_of_the_pod_it_replaces(cluster: Cluster,
     assert watch.gone[old["metadata"]["name"]] >= max(o.ended for o in outcomes) - 0.5
     new = wait_for("the new pod Ready", lambda: cluster.wait_ready(MODEL, 1) and cluster.pods(MODEL), 120)
     assert new[0]["metadata"]["name"] != old["metadata"]["name"]
+
+
+def test_a_scale_down_finishes_the_streams_of_the_group_it_removes(cluster: Cluster, gateway: GatewayProcess) -> None:
+    """Two groups of two pods (a leader serving, a headless worker holding the second pipeline stage) on
+    the four L4 nodes; scaling to one group deletes both pods of a group at once. The leader's hook waits
+    for its own streams, the worker's for the leader's: a worker gone first would end the leader's group."""
+    cluster.apply(MODEL, grouped(replicas=2))
+
+    def two_groups_ready() -> bool:
+        status = (cluster.get("llmdeployment", MODEL) or {}).get("status") or {}
+        groups = status.get("groups") or []
+        return (len(groups) == 2 and all(g["ready"] for g in groups) and len(cluster.pods(MODEL)) == 4
+                and gateway.models().get(MODEL, {}).get("readyEndpoints") == 2)
+
+    wait_for("two groups ready, two leaders in the gateway", two_groups_ready, 120)
+    placement = (cluster.get("llmdeployment", MODEL) or {})["status"]["placement"]
+    parallel = (placement["tensorParallelSize"], placement["pipelineParallelSize"], placement["podsPerReplica"])
+    assert parallel == (1, 2, 2)
+
+    outcomes, watch, changed = streams_through_a_change(cluster, gateway, 40, {"replicas": 1})
+    assert_every_stream_completed(outcomes)
+    leader, worker = f"{MODEL}-g1-0", f"{MODEL}-g1-1"
+    assert set(watch.deleting) == {leader, worker}  # the whole second group, nothing of the first
+    on_removed = [o for o in outcomes if o.endpoint == f"{watch.ips[leader]}:8000"]
+    print(f"group scale-down 2 -> 1: {len(on_removed)} of 40 streams were on the removed group's leader, "
+          "all ended with [DONE]")
+    assert len(on_removed) >= 12  # the gateway spreads by requests in flight: about half
+    report("group scale-down", outcomes, watch, changed, [leader, worker])
+    # Both members stayed until the leader's last stream had ended.
+    last_on_removed = max(o.ended for o in on_removed)
+    assert min(watch.gone[leader], watch.gone[worker]) >= last_on_removed - 0.5
+    assert watch.gone[leader] - last_on_removed < 10
+    pods = sorted(p["metadata"]["name"] for p in cluster.pods(MODEL))
+    assert pods == [f"{MODEL}-g0-0", f"{MODEL}-g0-1"]
+    assert gateway.models()[MODEL]["readyEndpoints"] == 1

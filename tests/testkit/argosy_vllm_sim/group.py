@@ -6,7 +6,8 @@ no HTTP listener at all, and the group does not survive a lost member. The simul
 the same with plain TCP connections:
 
 - leader (`--group-size N --group-port P`): listens on host:P, starts serving HTTP when
-  N-1 members are connected, and exits with code 1 when one of them goes away;
+  N-1 members are connected, and exits with code 1 when one of them goes away; on SIGTERM
+  it stops as a single server does (`--shutdown-timeout`: 0 aborts what is in flight);
 - headless member (`--headless --leader HOST:P`): connects from its own address (retrying
   while the leader is not up yet), holds the connection, and exits with code 1 when the
   leader closes it.
@@ -61,7 +62,8 @@ async def lead(config: SimConfig, group_size: int, group_port: int) -> int:
         async with listener:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if complete.is_set() and not lost.is_set() and not stop.is_set():
-                async with SimServer(config, shutdown_timeout=5.0) as server:
+                # SIGTERM ends the group's serving as it ends a single server's: --shutdown-timeout.
+                async with SimServer(config, shutdown_timeout=config.shutdown_timeout) as server:
                     _say(f"group complete; serving {', '.join(config.models)} on {server.url}")
                     await asyncio.wait(waits[1:], return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -42,10 +42,26 @@ async def stream(http: aiohttp.ClientSession, port: int) -> bytes:
         return f"error: {error!r}".encode()
 
 
-async def sigterm_during_streams(*extra: str) -> tuple[list[bytes], float, bytes]:
-    """Three streams in flight, SIGTERM, then one new request; (streams, seconds to exit, new request)."""
+async def sigterm_during_streams(*extra: str, group: bool = False) -> tuple[list[bytes], float, bytes]:
+    """Three streams in flight, SIGTERM, then one new request; (streams, seconds to exit, new request).
+    With `group`, the simulator is the leader of a group of two and a headless member has joined it."""
     port = free_port()
-    process = await start(port, *extra)
+    member = None
+    if group:
+        group_port = free_port()
+        extra = (*extra, "--group-size", "2", "--group-port", str(group_port))
+        member = await asyncio.create_subprocess_exec(
+            str(SIM_BIN), "--model", "m", "--headless", "--leader", f"127.0.0.1:{group_port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        return await _sigterm_during_streams(port, await start(port, *extra))
+    finally:
+        if member is not None and member.returncode is None:
+            member.kill()
+            await member.wait()
+
+
+async def _sigterm_during_streams(port: int, process: asyncio.subprocess.Process) -> tuple[list[bytes], float, bytes]:
     async with aiohttp.ClientSession() as http:
         streams = [asyncio.create_task(stream(http, port)) for _ in range(3)]
         await asyncio.sleep(0.4)
@@ -72,3 +88,16 @@ async def test_with_a_shutdown_timeout_sigterm_refuses_new_requests_and_finishes
     assert all(body.rstrip().endswith(b"data: [DONE]") for body in done), done
     assert late.startswith(b"error:"), late  # no longer listening
     assert exit_seconds < 5  # as soon as the last stream ended, not after the whole timeout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shutdown_timeout", ["0", "10"])
+async def test_a_group_leader_stops_on_sigterm_as_a_single_server_does(shutdown_timeout: str) -> None:
+    done, exit_seconds, late = await sigterm_during_streams("--shutdown-timeout", shutdown_timeout, group=True)
+    if shutdown_timeout == "0":
+        assert not any(b"[DONE]" in body for body in done), done
+        assert exit_seconds < 1.5
+    else:
+        assert all(body.rstrip().endswith(b"data: [DONE]") for body in done), done
+        assert late.startswith(b"error:"), late
+        assert exit_seconds < 5
