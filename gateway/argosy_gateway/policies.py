@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
+from argosy_gateway.podload import PodLoad
 from argosy_gateway.routetable import LEAST_OUTSTANDING, PREFIX_AFFINITY, ROUND_ROBIN, SESSION_AFFINITY
 
 _MASK64: Final = (1 << 64) - 1
@@ -125,6 +126,13 @@ class PrefixAffinity:
 
     State is bounded: at most ``max_blocks`` block hashes (least recently used evicted), each
     with at most ``holders_per_block`` endpoints.
+
+    ``pod_loads`` (endpoint -> ``PodLoad``, kept up to date by the gateway from the pods'
+    ``/metrics``; empty or missing = not known) makes the load that counts a pod's whole load:
+    its requests from other gateway replicas and clients are added to this process's own
+    outstanding counts, so the load bound holds for the pod and not only for this process's
+    share of it. A pod whose KV cache is at least ``kv_cache_full`` used takes no request
+    while another one has room, whatever prefix it holds.
     """
 
     needs = "prefix"
@@ -138,12 +146,16 @@ class PrefixAffinity:
         max_blocks: int = 200_000,
         holders_per_block: int = 4,
         headroom: int = 2,
+        pod_loads: Mapping[str, PodLoad] | None = None,
+        kv_cache_full: float = 0.95,
     ) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be at least 1.0")
         if block_chars < 1 or home_chars < 1 or max_blocks < 1 or holders_per_block < 1 or headroom < 0:
             raise ValueError("block_chars, home_chars, max_blocks and holders_per_block must be positive")
         self._headroom = headroom
+        self._pod_loads: Mapping[str, PodLoad] = pod_loads if pod_loads is not None else {}
+        self._kv_cache_full = kv_cache_full
         self._load_factor = load_factor
         self._block_chars = block_chars
         self._home_chars = home_chars
@@ -199,7 +211,27 @@ class PrefixAffinity:
         while len(holders) > self._max_blocks:
             holders.popitem(last=False)
 
+    def _whole_loads(
+        self, endpoints: Sequence[str], outstanding: Mapping[str, int]
+    ) -> tuple[Sequence[str], dict[str, int]]:
+        """The endpoints with cache room (all if none has) and each one's own + hidden load."""
+        pods = self._pod_loads
+        loads: dict[str, int] = {}
+        roomy: list[str] = []
+        for endpoint in endpoints:
+            pod = pods.get(endpoint)
+            if pod is None:
+                loads[endpoint] = outstanding.get(endpoint, 0)
+                roomy.append(endpoint)
+            else:
+                loads[endpoint] = outstanding.get(endpoint, 0) + pod.hidden
+                if pod.kv_cache_usage < self._kv_cache_full:
+                    roomy.append(endpoint)
+        return (roomy or endpoints), loads
+
     def choose(self, model: str, endpoints: Sequence[str], outstanding: Mapping[str, int], key: str | None) -> str:
+        if self._pod_loads and len(endpoints) > 1:
+            endpoints, outstanding = self._whole_loads(endpoints, outstanding)
         if not key or len(endpoints) == 1:
             return self._fallback.choose(model, endpoints, outstanding, None)
         loads = [outstanding.get(e, 0) for e in endpoints]
@@ -247,11 +279,16 @@ class SessionAffinity:
         return max(endpoints, key=lambda e: _mix64(key_hash ^ self._hashes(e)))
 
 
-def build_policies(prefix_load_factor: float = 1.25) -> dict[str, Policy]:
-    """One instance of every policy, by the name used in the route table."""
+def build_policies(
+    prefix_load_factor: float = 1.25, pod_loads: Mapping[str, PodLoad] | None = None
+) -> dict[str, Policy]:
+    """One instance of every policy, by the name used in the route table.
+
+    ``pod_loads`` is the live endpoint -> ``PodLoad`` mapping prefix affinity reads (see there).
+    """
     return {
         LEAST_OUTSTANDING: LeastOutstanding(),
         ROUND_ROBIN: RoundRobin(),
-        PREFIX_AFFINITY: PrefixAffinity(prefix_load_factor),
+        PREFIX_AFFINITY: PrefixAffinity(prefix_load_factor, pod_loads=pod_loads),
         SESSION_AFFINITY: SessionAffinity(),
     }

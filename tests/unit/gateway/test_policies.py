@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from argosy_gateway.podload import PodLoad, PodReport, parse_vllm_metrics, pod_load
 from argosy_gateway.policies import LeastOutstanding, PrefixAffinity, RoundRobin, SessionAffinity, build_policies
 from argosy_gateway.routetable import POLICY_NAMES
 
@@ -150,3 +151,85 @@ def test_prefix_affinity_memory_is_bounded() -> None:
     for index in range(100):
         policy.choose("m", E, {}, f"{index:04d} " + "x" * 1000)  # 7 blocks each
     assert policy.remembered_blocks == 50
+
+
+# -- prefix affinity with the pods' own load (podload.PodLoad, from their /metrics) ------------
+
+
+def _home(key: str) -> str:
+    """Where a new prefix goes when nothing is loaded (its rendezvous home)."""
+    return PrefixAffinity().choose("m", E, {}, key)
+
+
+@pytest.mark.parametrize(
+    ("pods", "own", "expected"),
+    [
+        # Nothing reported: the home endpoint, as without pod loads.
+        ({}, {}, "home"),
+        # The home pod is busy with other replicas' requests (6 hidden, fair share about 2): elsewhere.
+        ({"home": PodLoad(6, 0.2)}, {}, "not home"),
+        # A little hidden load stays within the headroom: affinity wins.
+        ({"home": PodLoad(1, 0.2)}, {}, "home"),
+        # The home pod's KV cache is full: not chosen while another has room.
+        ({"home": PodLoad(0, 0.97)}, {}, "not home"),
+        # Every pod's cache is full: the request still goes somewhere (home).
+        ({e: PodLoad(0, 0.99) for e in E}, {}, "home"),
+    ],
+)
+def test_prefix_affinity_counts_the_load_pods_report(
+    pods: dict[str, PodLoad], own: dict[str, int], expected: str
+) -> None:
+    key = "You are a pirate. " * 20
+    home = _home(key)
+    loads = {(home if e == "home" else e): load for e, load in pods.items()}
+    policy = PrefixAffinity(pod_loads=loads)
+    chosen = policy.choose("m", E, own, key)
+    assert (chosen == home) == (expected == "home")
+
+
+def test_prefix_affinity_sends_a_cached_conversation_back_unless_its_pod_is_overloaded() -> None:
+    pods: dict[str, PodLoad] = {}
+    policy = PrefixAffinity(pod_loads=pods)
+    first = policy.choose("m", E, {}, "system " * 100 + "turn 1")
+    assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2") == first
+    pods[first] = PodLoad(12, 0.5)  # other gateway replicas filled it meanwhile
+    moved = policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3")
+    assert moved != first
+    pods.clear()  # the report went away (scrape failed): own counts only, back to the cache
+    assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3 more") in (first, moved)
+
+
+def test_hidden_load_is_what_the_pod_runs_beyond_our_own_requests() -> None:
+    report = PodReport(running=5.0, waiting=3.0, kv_cache_usage=0.4)
+    assert pod_load(report, ours=2) == PodLoad(6, 0.4)
+    assert pod_load(report, ours=10) == PodLoad(0, 0.4)  # our count is newer than the report
+    assert pod_load(PodReport(0, 0, 1.7), 0).kv_cache_usage == 1.0
+
+
+VLLM_PAGE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m"} 0.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 7.0
+"""
+
+
+def test_vllm_metrics_page_is_read_per_engine() -> None:
+    assert parse_vllm_metrics(VLLM_PAGE) == PodReport(running=5.0, waiting=4.0, kv_cache_usage=0.75)
+
+
+@pytest.mark.parametrize("page", ["", "# a page without vLLM's gauges\nup 1\n", "<html>not metrics</html>"])
+def test_a_page_without_vllm_gauges_reports_nothing(page: str) -> None:
+    assert parse_vllm_metrics(page) is None
