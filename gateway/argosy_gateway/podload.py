@@ -3,8 +3,9 @@
 A gateway process knows only the requests it sent itself (``GatewayRuntime.outstanding``).
 A pod also serves the other gateway replicas (and worker processes), and whoever calls it
 directly; vLLM's ``/metrics`` says how busy it really is. ``parse_vllm_metrics`` reads the
-three gauges routing uses from that text, and ``pod_load`` turns them into the load this
-process cannot see, which ``policies.PrefixAffinity`` adds to its own counts.
+three gauges routing uses from that text, and ``pod_load`` turns them into what
+``policies.PrefixAffinity`` uses: whether the pod is overloaded (requests queued, or its KV
+cache full), and the load this process cannot see, which breaks ties.
 
 Metric names are vLLM's (vllm/v1/metrics/loggers.py, v0.32): ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc`` (0-1). A pod running several
@@ -36,12 +37,17 @@ class PodReport:
 
 @dataclass(frozen=True, slots=True)
 class PodLoad:
-    """A pod's load beyond this gateway process's own requests, as of its last report."""
+    """A pod's own view of its load, as of its last report."""
 
     hidden: int
     """Requests running or waiting on the pod that this process did not send (others' load)."""
+    waiting: int
+    """Requests queued on the pod: its batch (or KV cache) is full, a new request waits too."""
     kv_cache_usage: float
     """The pod's KV-cache usage, 0-1: near 1, new requests wait for cache space or preempt others."""
+
+    def overloaded(self, kv_cache_full: float) -> bool:
+        return self.waiting > 0 or self.kv_cache_usage >= kv_cache_full
 
 
 def parse_vllm_metrics(text: str) -> PodReport | None:
@@ -62,5 +68,11 @@ def parse_vllm_metrics(text: str) -> PodReport | None:
 
 
 def pod_load(report: PodReport, ours: int) -> PodLoad:
-    """``report`` less the ``ours`` requests this process had in flight to the pod when it was read."""
-    return PodLoad(max(0, round(report.running + report.waiting) - ours), min(1.0, max(0.0, report.kv_cache_usage)))
+    """``report``, with the ``ours`` requests this process had in flight to the pod taken out of
+    the hidden count (the larger of its counts before and after the read, so requests of ours
+    that ended meanwhile are not mistaken for others')."""
+    return PodLoad(
+        max(0, round(report.running + report.waiting) - ours),
+        max(0, round(report.waiting)),
+        min(1.0, max(0.0, report.kv_cache_usage)),
+    )

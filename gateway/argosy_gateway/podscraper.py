@@ -26,6 +26,7 @@ def scraped_endpoints(runtime: GatewayRuntime) -> set[str]:
 
 
 async def _scrape(client: httpx2.AsyncClient, runtime: GatewayRuntime, endpoint: str) -> None:
+    before = runtime.outstanding.get(endpoint, 0)
     try:
         response = await client.get(endpoint.rstrip("/") + "/metrics")
         report = parse_vllm_metrics(response.text) if response.status_code == 200 else None
@@ -35,7 +36,7 @@ async def _scrape(client: httpx2.AsyncClient, runtime: GatewayRuntime, endpoint:
     if report is None:
         runtime.pod_loads.pop(endpoint, None)
     else:
-        runtime.pod_loads[endpoint] = pod_load(report, runtime.outstanding.get(endpoint, 0))
+        runtime.pod_loads[endpoint] = pod_load(report, max(before, runtime.outstanding.get(endpoint, 0)))
 
 
 async def run_pod_scraper(runtime: GatewayRuntime) -> None:

@@ -128,11 +128,14 @@ class PrefixAffinity:
     with at most ``holders_per_block`` endpoints.
 
     ``pod_loads`` (endpoint -> ``PodLoad``, kept up to date by the gateway from the pods'
-    ``/metrics``; empty or missing = not known) makes the load that counts a pod's whole load:
-    its requests from other gateway replicas and clients are added to this process's own
-    outstanding counts, so the load bound holds for the pod and not only for this process's
-    share of it. A pod whose KV cache is at least ``kv_cache_full`` used takes no request
-    while another one has room, whatever prefix it holds.
+    ``/metrics``; a missing endpoint = not known) overrides affinity for an overloaded pod:
+    one with requests queued (its batch is full, so a new request would wait too, whatever
+    prefix it holds) or a KV cache at least ``kv_cache_full`` used takes no request while
+    another pod is not overloaded. Among equally good endpoints (same cached depth, same
+    own load) the one with less load from others (other gateway replicas, direct clients)
+    wins. The pods' running counts do not otherwise change the load bound: spilling a
+    prefix costs its cache hits, and measured (docs/benchmarks.md) that cost more time
+    than the load it spread.
     """
 
     needs = "prefix"
@@ -211,27 +214,19 @@ class PrefixAffinity:
         while len(holders) > self._max_blocks:
             holders.popitem(last=False)
 
-    def _whole_loads(
-        self, endpoints: Sequence[str], outstanding: Mapping[str, int]
-    ) -> tuple[Sequence[str], dict[str, int]]:
-        """The endpoints with cache room (all if none has) and each one's own + hidden load."""
-        pods = self._pod_loads
-        loads: dict[str, int] = {}
-        roomy: list[str] = []
-        for endpoint in endpoints:
-            pod = pods.get(endpoint)
-            if pod is None:
-                loads[endpoint] = outstanding.get(endpoint, 0)
-                roomy.append(endpoint)
-            else:
-                loads[endpoint] = outstanding.get(endpoint, 0) + pod.hidden
-                if pod.kv_cache_usage < self._kv_cache_full:
-                    roomy.append(endpoint)
-        return (roomy or endpoints), loads
+    def _not_overloaded(self, endpoints: Sequence[str]) -> Sequence[str]:
+        """The endpoints whose pods are not overloaded; all of them if every one is."""
+        pods, full = self._pod_loads, self._kv_cache_full
+        fine = [e for e in endpoints if (pod := pods.get(e)) is None or not pod.overloaded(full)]
+        return fine or endpoints
+
+    def _hidden(self, endpoint: str) -> int:
+        pod = self._pod_loads.get(endpoint)
+        return 0 if pod is None else pod.hidden
 
     def choose(self, model: str, endpoints: Sequence[str], outstanding: Mapping[str, int], key: str | None) -> str:
         if self._pod_loads and len(endpoints) > 1:
-            endpoints, outstanding = self._whole_loads(endpoints, outstanding)
+            endpoints = self._not_overloaded(endpoints)
         if not key or len(endpoints) == 1:
             return self._fallback.choose(model, endpoints, outstanding, None)
         loads = [outstanding.get(e, 0) for e in endpoints]
@@ -241,11 +236,11 @@ class PrefixAffinity:
         depths = self._cached_depths(hashes, endpoints) if hashes else {}
         chosen: str | None = None
         if depths:
-            best = (0, 0)
+            best = (0, 0, 0)
             for endpoint, depth in depths.items():
                 load = outstanding.get(endpoint, 0)
-                if load < capacity and (depth, -load) > best:
-                    chosen, best = endpoint, (depth, -load)
+                if load < capacity and (rank := (depth, -load, -self._hidden(endpoint))) > best:
+                    chosen, best = endpoint, rank
         if chosen is None:
             for endpoint in rendezvous_order(key[: self._home_chars], endpoints, self._hashes):
                 if outstanding.get(endpoint, 0) < capacity:

@@ -104,6 +104,7 @@ class Setup:
     max_num_seqs: int
     kv_cache_tokens: int
     seed: int
+    others: int = 0
 
 
 @dataclass
@@ -227,12 +228,31 @@ async def run_conversation(
         await asyncio.sleep(conversation.thinks[turn])
 
 
-async def drive(url: str, workload: list[Conversation], setup: Setup, result: Result) -> None:
+async def keep_busy(http: aiohttp.ClientSession, url: str) -> None:
+    """Another client of one replica (a batch job, another gateway replica): one long stream after another."""
+    body = {"model": MODEL, "prompt": "batch job", "max_tokens": 256, "stream": True}
+    while True:
+        try:
+            async with http.post(f"{url}/v1/completions", json=body) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.1)
+
+
+async def drive(
+    url: str, workload: list[Conversation], setup: Setup, result: Result, others_url: str = "", others: int = 0
+) -> None:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        busy = [asyncio.create_task(keep_busy(http, others_url)) for _ in range(others)]
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        await asyncio.gather(*(run_conversation(http, url, c, setup, t0, result) for c in workload))
+        try:
+            await asyncio.gather(*(run_conversation(http, url, c, setup, t0, result) for c in workload))
+        finally:
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
         result.wall_s = loop.time() - t0
 
 
@@ -324,7 +344,7 @@ def run_policy(
             pid = stack.enter_context(started("vllm-router", argv, None, env, log))
             wait_until_ready(f"{front}/readiness", pid, log)
         before = [scrape(u) for u in sim_urls]
-        asyncio.run(drive(f"{front}/v1/chat/completions", workload, setup, result))
+        asyncio.run(drive(f"{front}/v1/chat/completions", workload, setup, result, sim_urls[0], setup.others))
         after = [scrape(u) for u in sim_urls]
     for b, a in zip(before, after, strict=True):
         result.hit_tokens += a["vllm:prefix_cache_hits_total"] - b["vllm:prefix_cache_hits_total"]
@@ -375,6 +395,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache (and prefix cache) per replica")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument(
+        "--others",
+        type=int,
+        default=0,
+        help="long streams another client keeps on the first replica, past the gateway (default 0)",
+    )
+    parser.add_argument(
         "--policy",
         choices=[row[0] for row in POLICIES],
         nargs="+",
@@ -423,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
         seed=args.seed,
+        others=args.others,
     )
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     load_before = load_average()
@@ -438,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"# {setup.replicas} replicas; {setup.conversations} conversations x {setup.turns} turns = {requests} "
             f"requests; {setup.system_prompts} system prompts of {setup.system_tokens} tokens; estimated capacity "
-            f"{capacity:.1f} req/s, offered {rate:.1f} req/s ({setup.load:.0%})",
+            f"{capacity:.1f} req/s, offered {rate:.1f} req/s ({setup.load:.0%})"
+            + (f"; another client keeps {setup.others} streams on replica 0" if setup.others else ""),
             flush=True,
         )
         for key, name, kind, policy, workers, settings in POLICIES:

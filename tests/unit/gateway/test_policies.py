@@ -162,28 +162,25 @@ def _home(key: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("pods", "own", "expected"),
+    ("pods", "expected"),
     [
         # Nothing reported: the home endpoint, as without pod loads.
-        ({}, {}, "home"),
-        # The home pod is busy with other replicas' requests (6 hidden, fair share about 2): elsewhere.
-        ({"home": PodLoad(6, 0.2)}, {}, "not home"),
-        # A little hidden load stays within the headroom: affinity wins.
-        ({"home": PodLoad(1, 0.2)}, {}, "home"),
+        ({}, "home"),
+        # The home pod queues requests (its batch is full): elsewhere, whatever it caches.
+        ({"home": PodLoad(hidden=20, waiting=4, kv_cache_usage=0.5)}, "not home"),
+        # Busy with others' requests but nothing queued: affinity wins (a spilled prefix costs its cache).
+        ({"home": PodLoad(hidden=6, waiting=0, kv_cache_usage=0.5)}, "home"),
         # The home pod's KV cache is full: not chosen while another has room.
-        ({"home": PodLoad(0, 0.97)}, {}, "not home"),
-        # Every pod's cache is full: the request still goes somewhere (home).
-        ({e: PodLoad(0, 0.99) for e in E}, {}, "home"),
+        ({"home": PodLoad(hidden=0, waiting=0, kv_cache_usage=0.97)}, "not home"),
+        # Every pod is overloaded: the request still goes somewhere (home).
+        ({e: PodLoad(hidden=0, waiting=2, kv_cache_usage=0.99) for e in E}, "home"),
     ],
 )
-def test_prefix_affinity_counts_the_load_pods_report(
-    pods: dict[str, PodLoad], own: dict[str, int], expected: str
-) -> None:
+def test_prefix_affinity_avoids_pods_that_report_overload(pods: dict[str, PodLoad], expected: str) -> None:
     key = "You are a pirate. " * 20
     home = _home(key)
     loads = {(home if e == "home" else e): load for e, load in pods.items()}
-    policy = PrefixAffinity(pod_loads=loads)
-    chosen = policy.choose("m", E, own, key)
+    chosen = PrefixAffinity(pod_loads=loads).choose("m", E, {}, key)
     assert (chosen == home) == (expected == "home")
 
 
@@ -192,18 +189,32 @@ def test_prefix_affinity_sends_a_cached_conversation_back_unless_its_pod_is_over
     policy = PrefixAffinity(pod_loads=pods)
     first = policy.choose("m", E, {}, "system " * 100 + "turn 1")
     assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2") == first
-    pods[first] = PodLoad(12, 0.5)  # other gateway replicas filled it meanwhile
+    pods[first] = PodLoad(hidden=16, waiting=3, kv_cache_usage=0.5)  # others filled its batch meanwhile
     moved = policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3")
     assert moved != first
-    pods.clear()  # the report went away (scrape failed): own counts only, back to the cache
+    pods.clear()  # no report any more (the scrape failed): own counts only, back to the longest cache
     assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3 more") in (first, moved)
 
 
-def test_hidden_load_is_what_the_pod_runs_beyond_our_own_requests() -> None:
+def test_between_equal_holders_the_pod_with_less_load_from_others_wins() -> None:
+    pods: dict[str, PodLoad] = {}
+    policy = PrefixAffinity(pod_loads=pods)
+    prompt = "shared system prompt " * 40
+    first = policy.choose("m", E, {}, prompt)
+    second = policy.choose("m", E, {first: 3}, prompt)  # over the bound at 3 (headroom 2): a second holder
+    assert second != first
+    pods[first] = PodLoad(hidden=5, waiting=0, kv_cache_usage=0.3)
+    assert policy.choose("m", E, {}, prompt + " next") == second
+    pods[first], pods[second] = PodLoad(0, 0, 0.3), PodLoad(5, 0, 0.3)
+    assert policy.choose("m", E, {}, prompt + " next") == first
+
+
+def test_pod_load_is_what_the_pod_runs_beyond_our_own_requests() -> None:
     report = PodReport(running=5.0, waiting=3.0, kv_cache_usage=0.4)
-    assert pod_load(report, ours=2) == PodLoad(6, 0.4)
-    assert pod_load(report, ours=10) == PodLoad(0, 0.4)  # our count is newer than the report
+    assert pod_load(report, ours=2) == PodLoad(hidden=6, waiting=3, kv_cache_usage=0.4)
+    assert pod_load(report, ours=10).hidden == 0  # our count is newer than the report
     assert pod_load(PodReport(0, 0, 1.7), 0).kv_cache_usage == 1.0
+    assert not PodLoad(9, 0, 0.5).overloaded(0.95) and PodLoad(0, 1, 0.5).overloaded(0.95)
 
 
 VLLM_PAGE = """\
