@@ -47,7 +47,7 @@ STRICT_MODULES := operator/argosy_operator/planner operator/argosy_operator/buil
 	operator/argosy_operator/diffplan.py operator/argosy_operator/status.py operator/argosy_operator/observe.py \
 	operator/argosy_operator/workqueue.py operator/argosy_operator/docgen.py operator/argosy_operator/sticky.py \
 	operator/argosy_operator/lease.py operator/argosy_operator/backendkey.py \
-	gateway/argosy_gateway/policies.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \
+	gateway/argosy_gateway/policies.py gateway/argosy_gateway/podload.py gateway/argosy_gateway/routetable.py gateway/argosy_gateway/parsing.py \
 	gateway/argosy_gateway/responsestore.py gateway/argosy_gateway/ratelimit.py gateway/argosy_gateway/discovery/cluster.py \
 	tests/testkit/argosy_sandbox/kubelet_plan.py operator/argosy_operator/autoscaler.py
 

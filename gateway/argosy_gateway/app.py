@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from argosy_gateway.auth import parse_keys_file
 from argosy_gateway.discovery.static import StaticDiscovery
+from argosy_gateway.podscraper import run_pod_scraper
 from argosy_gateway.proxy import ProxyEndpoint
 from argosy_gateway.routes import install_routes
 from argosy_gateway.runtime import GatewayRuntime
@@ -37,6 +38,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         else:
             log.warning("no API keys configured: the gateway accepts every request (set api_keys_file)")
         tasks.append(asyncio.create_task(_run_discovery(runtime), name="discovery"))
+        if settings.pod_metrics_seconds > 0:
+            tasks.append(asyncio.create_task(run_pod_scraper(runtime), name="pod-metrics"))
         _quiet_garbage_collector()
         try:
             yield

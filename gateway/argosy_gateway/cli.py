@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from argosy_gateway.app import configure_logging
+from argosy_gateway.server import HTTP_PROTOCOL
 from argosy_gateway.settings import CONFIG_FILE_ENV, ENV_PREFIX, load_settings
 
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol writing each answer's head with its body (server.py).
+        http=HTTP_PROTOCOL,
         lifespan="on",
         access_log=False,
         proxy_headers=False,

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
+from argosy_gateway.podload import PodLoad
 from argosy_gateway.routetable import LEAST_OUTSTANDING, PREFIX_AFFINITY, ROUND_ROBIN, SESSION_AFFINITY
 
 _MASK64: Final = (1 << 64) - 1
@@ -125,6 +126,16 @@ class PrefixAffinity:
 
     State is bounded: at most ``max_blocks`` block hashes (least recently used evicted), each
     with at most ``holders_per_block`` endpoints.
+
+    ``pod_loads`` (endpoint -> ``PodLoad``, kept up to date by the gateway from the pods'
+    ``/metrics``; a missing endpoint = not known) overrides affinity for an overloaded pod:
+    one with requests queued (its batch is full, so a new request would wait too, whatever
+    prefix it holds) or a KV cache at least ``kv_cache_full`` used takes no request while
+    another pod is not overloaded. Among equally good endpoints (same cached depth, same
+    own load) the one with less load from others (other gateway replicas, direct clients)
+    wins. The pods' running counts do not otherwise change the load bound: spilling a
+    prefix costs its cache hits, and measured (docs/benchmarks.md) that cost more time
+    than the load it spread.
     """
 
     needs = "prefix"
@@ -138,12 +149,16 @@ class PrefixAffinity:
         max_blocks: int = 200_000,
         holders_per_block: int = 4,
         headroom: int = 2,
+        pod_loads: Mapping[str, PodLoad] | None = None,
+        kv_cache_full: float = 0.95,
     ) -> None:
         if load_factor < 1.0:
             raise ValueError("load_factor must be at least 1.0")
         if block_chars < 1 or home_chars < 1 or max_blocks < 1 or holders_per_block < 1 or headroom < 0:
             raise ValueError("block_chars, home_chars, max_blocks and holders_per_block must be positive")
         self._headroom = headroom
+        self._pod_loads: Mapping[str, PodLoad] = pod_loads if pod_loads is not None else {}
+        self._kv_cache_full = kv_cache_full
         self._load_factor = load_factor
         self._block_chars = block_chars
         self._home_chars = home_chars
@@ -199,7 +214,19 @@ class PrefixAffinity:
         while len(holders) > self._max_blocks:
             holders.popitem(last=False)
 
+    def _not_overloaded(self, endpoints: Sequence[str]) -> Sequence[str]:
+        """The endpoints whose pods are not overloaded; all of them if every one is."""
+        pods, full = self._pod_loads, self._kv_cache_full
+        fine = [e for e in endpoints if (pod := pods.get(e)) is None or not pod.overloaded(full)]
+        return fine or endpoints
+
+    def _hidden(self, endpoint: str) -> int:
+        pod = self._pod_loads.get(endpoint)
+        return 0 if pod is None else pod.hidden
+
     def choose(self, model: str, endpoints: Sequence[str], outstanding: Mapping[str, int], key: str | None) -> str:
+        if self._pod_loads and len(endpoints) > 1:
+            endpoints = self._not_overloaded(endpoints)
         if not key or len(endpoints) == 1:
             return self._fallback.choose(model, endpoints, outstanding, None)
         loads = [outstanding.get(e, 0) for e in endpoints]
@@ -209,11 +236,11 @@ class PrefixAffinity:
         depths = self._cached_depths(hashes, endpoints) if hashes else {}
         chosen: str | None = None
         if depths:
-            best = (0, 0)
+            best = (0, 0, 0)
             for endpoint, depth in depths.items():
                 load = outstanding.get(endpoint, 0)
-                if load < capacity and (depth, -load) > best:
-                    chosen, best = endpoint, (depth, -load)
+                if load < capacity and (rank := (depth, -load, -self._hidden(endpoint))) > best:
+                    chosen, best = endpoint, rank
         if chosen is None:
             for endpoint in rendezvous_order(key[: self._home_chars], endpoints, self._hashes):
                 if outstanding.get(endpoint, 0) < capacity:
@@ -247,11 +274,16 @@ class SessionAffinity:
         return max(endpoints, key=lambda e: _mix64(key_hash ^ self._hashes(e)))
 
 
-def build_policies(prefix_load_factor: float = 1.25) -> dict[str, Policy]:
-    """One instance of every policy, by the name used in the route table."""
+def build_policies(
+    prefix_load_factor: float = 1.25, pod_loads: Mapping[str, PodLoad] | None = None
+) -> dict[str, Policy]:
+    """One instance of every policy, by the name used in the route table.
+
+    ``pod_loads`` is the live endpoint -> ``PodLoad`` mapping prefix affinity reads (see there).
+    """
     return {
         LEAST_OUTSTANDING: LeastOutstanding(),
         ROUND_ROBIN: RoundRobin(),
-        PREFIX_AFFINITY: PrefixAffinity(prefix_load_factor),
+        PREFIX_AFFINITY: PrefixAffinity(prefix_load_factor, pod_loads=pod_loads),
         SESSION_AFFINITY: SessionAffinity(),
     }

@@ -205,7 +205,8 @@ class ProxyEndpoint:
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
                 runtime.admit(key, route.name)
-                exchange.watch_soon(asyncio.get_running_loop(), receive, task)
+                # The task's loop, not a second lookup (each one is a getpid system call in 3.11).
+                exchange.watch_soon(task.get_loop(), receive, task)
                 if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
                     route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)

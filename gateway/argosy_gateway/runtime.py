@@ -12,6 +12,7 @@ from argosy_gateway.auth import ApiKey, KeyStore, bearer_token
 from argosy_gateway.errors import forbidden, rate_limited, unauthorized
 from argosy_gateway.health import EndpointHealth
 from argosy_gateway.metrics import GatewayMetrics
+from argosy_gateway.podload import PodLoad
 from argosy_gateway.policies import Policy, build_policies
 from argosy_gateway.ratelimit import TokenBuckets
 from argosy_gateway.routetable import EMPTY_TABLE, RouteTable
@@ -28,7 +29,9 @@ class GatewayRuntime:
         self.table: RouteTable = EMPTY_TABLE
         self.loaded = False
         self._upstream: Upstream | None = None
-        self.policies: dict[str, Policy] = build_policies(settings.prefix_load_factor)
+        # Endpoint -> the load its pod reported beyond ours (podscraper.py), read by prefix affinity.
+        self.pod_loads: dict[str, PodLoad] = {}
+        self.policies: dict[str, Policy] = build_policies(settings.prefix_load_factor, self.pod_loads)
         self.health = EndpointHealth(settings.eject_after_failures, settings.eject_seconds)
         self.outstanding: dict[str, int] = {}
         self.metrics = GatewayMetrics()

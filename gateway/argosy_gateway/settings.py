@@ -51,6 +51,11 @@ class GatewaySettings(BaseSettings):
     wake_queue_length: int = Field(256, ge=0, description="requests held per model at most (more get 503)")
     prefix_chars: int = Field(16384, ge=1, description="prompt characters prefix affinity reads (its cache key)")
     prefix_load_factor: float = Field(1.25, ge=1.0)
+    pod_metrics_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="prefix affinity reads its pods' load (vLLM /metrics) this often; 0 = never (own counts only)",
+    )
     max_remembered_responses: int = Field(
         100_000, ge=1, description="Responses API ids remembered to route GET/DELETE /v1/responses/{id}"
     )

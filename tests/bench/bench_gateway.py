@@ -737,6 +737,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="after measuring, sample the gateway with py-spy for this long at c=64 (each workload)",
     )
     parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        help="keep py-spy's raw (collapsed) profiles here, one file per workload, for a closer look",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -744,6 +749,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.duration, args.warmup = 1.0, 1.0
     return args
@@ -944,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 args.profile,
                                 load_cpu,
                                 gateway_pid,
-                                tmpdir / f"profile-{workload.name}.txt",
+                                (args.profile_dir or tmpdir) / f"profile-{workload.name}.txt",
                             )
                         )
         except SystemExit:

@@ -17,8 +17,12 @@ capacity of the replicas when only the system prompts are cached (what a cache-b
 gets): replicas / (mean uncached prompt tokens x prefill time per token).
 
 Policies: round robin (what a Kubernetes Service gives), least outstanding requests and prefix
-affinity through argosy-gateway (one worker, static routes), and vllm-router's cache_aware
-policy (PyPI `vllm-router`, when installed) on the same simulators.
+affinity through argosy-gateway (static routes), and vllm-router's cache_aware policy (PyPI
+`vllm-router`, when installed) on the same simulators. Prefix affinity runs with and without
+the pods' own load (their /metrics, the default; ARGOSY_GATEWAY_POD_METRICS_SECONDS=0 turns it
+off), with one gateway worker and with two (two processes behind one port: like two gateway
+replicas, each sees only part of every pod's load). `--policy` picks rows by their key
+(POLICIES below).
 
 Reported per policy: time to first token (first body bytes of the stream) and end-to-end p50 /
 p99, completed requests per second, and the prefix-cache hit rate from the simulators' own
@@ -100,6 +104,7 @@ class Setup:
     max_num_seqs: int
     kv_cache_tokens: int
     seed: int
+    others: int = 0
 
 
 @dataclass
@@ -223,12 +228,31 @@ async def run_conversation(
         await asyncio.sleep(conversation.thinks[turn])
 
 
-async def drive(url: str, workload: list[Conversation], setup: Setup, result: Result) -> None:
+async def keep_busy(http: aiohttp.ClientSession, url: str) -> None:
+    """Another client of one replica (a batch job, another gateway replica): one long stream after another."""
+    body = {"model": MODEL, "prompt": "batch job", "max_tokens": 256, "stream": True}
+    while True:
+        try:
+            async with http.post(f"{url}/v1/completions", json=body) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.1)
+
+
+async def drive(
+    url: str, workload: list[Conversation], setup: Setup, result: Result, others_url: str = "", others: int = 0
+) -> None:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        busy = [asyncio.create_task(keep_busy(http, others_url)) for _ in range(others)]
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.2
-        await asyncio.gather(*(run_conversation(http, url, c, setup, t0, result) for c in workload))
+        try:
+            await asyncio.gather(*(run_conversation(http, url, c, setup, t0, result) for c in workload))
+        finally:
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
         result.wall_s = loop.time() - t0
 
 
@@ -266,7 +290,14 @@ def measure_reply_chars(setup: Setup, tmpdir: Path) -> int:
 
 
 def run_policy(
-    name: str, kind: str, policy: str, setup: Setup, workload: list[Conversation], tmpdir: Path
+    name: str,
+    kind: str,
+    policy: str,
+    setup: Setup,
+    workload: list[Conversation],
+    tmpdir: Path,
+    workers: int = 1,
+    settings: dict[str, str] | None = None,
 ) -> Result | None:
     env = dict(os.environ)
     result = Result(name)
@@ -291,8 +322,12 @@ def run_policy(
                 ARGOSY_GATEWAY_DISCOVERY="static",
                 ARGOSY_GATEWAY_STATIC_CONFIG=str(routes),
                 ARGOSY_GATEWAY_LOG_LEVEL="WARNING",
+                **(settings or {}),
             )
-            argv = [str(VENV_BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+            argv = [
+                *(str(VENV_BIN / "argosy-gateway"), "--host", "127.0.0.1", "--port", str(port)),
+                *("--workers", str(workers)),
+            ]
             pid = stack.enter_context(started("gateway", argv, None, gateway_env, log))
             wait_until_ready(f"{front}/readyz", pid, log)
         else:
@@ -309,7 +344,7 @@ def run_policy(
             pid = stack.enter_context(started("vllm-router", argv, None, env, log))
             wait_until_ready(f"{front}/readiness", pid, log)
         before = [scrape(u) for u in sim_urls]
-        asyncio.run(drive(f"{front}/v1/chat/completions", workload, setup, result))
+        asyncio.run(drive(f"{front}/v1/chat/completions", workload, setup, result, sim_urls[0], setup.others))
         after = [scrape(u) for u in sim_urls]
     for b, a in zip(before, after, strict=True):
         result.hit_tokens += a["vllm:prefix_cache_hits_total"] - b["vllm:prefix_cache_hits_total"]
@@ -360,8 +395,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV cache (and prefix cache) per replica")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument(
+        "--others",
+        type=int,
+        default=0,
+        help="long streams another client keeps on the first replica, past the gateway (default 0)",
+    )
+    parser.add_argument(
         "--policy",
-        choices=["round-robin", "least-outstanding", "prefix-affinity", "cache_aware"],
+        choices=[row[0] for row in POLICIES],
         nargs="+",
         default=None,
         help="only these (round robin is the baseline of the last column)",
@@ -373,12 +414,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-POLICIES = (
-    ("round robin (Kubernetes Service), via argosy-gateway", "gateway", "round-robin"),
-    ("least outstanding, argosy-gateway", "gateway", "least-outstanding"),
-    ("prefix affinity, argosy-gateway", "gateway", "prefix-affinity"),
-    ("vllm-router cache_aware", "router", "cache_aware"),
-)
+_OWN_COUNTS = {"ARGOSY_GATEWAY_POD_METRICS_SECONDS": "0"}  # prefix affinity without the pods' /metrics
+
+# (--policy name, row label, front, policy, gateway workers, gateway settings). Two workers are
+# two gateway processes behind one port, as two replicas behind a Service: each one sends only
+# part of every pod's load, which the pods' /metrics (the default) show it.
+POLICIES: tuple[tuple[str, str, str, str, int, dict[str, str]], ...] = (
+    ("round-robin", "round robin (Kubernetes Service), via argosy-gateway", "gateway", "round-robin", 1, {}),
+    ("least-outstanding", "least outstanding, argosy-gateway", "gateway", "least-outstanding", 1, {}),
+    ("prefix-affinity-own", "prefix affinity, own counts only", "gateway", "prefix-affinity", 1, _OWN_COUNTS),
+    ("prefix-affinity", "prefix affinity + pods' load (default)", "gateway", "prefix-affinity", 1, {}),
+    ("prefix-affinity-own-x2", "prefix affinity, own counts only, 2 workers", "gateway", "prefix-affinity", 2,
+     _OWN_COUNTS),
+    ("prefix-affinity-x2", "prefix affinity + pods' load, 2 workers", "gateway", "prefix-affinity", 2, {}),
+    ("cache_aware", "vllm-router cache_aware", "router", "cache_aware", 1, {}),
+)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -399,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
         seed=args.seed,
+        others=args.others,
     )
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     load_before = load_average()
@@ -414,14 +465,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"# {setup.replicas} replicas; {setup.conversations} conversations x {setup.turns} turns = {requests} "
             f"requests; {setup.system_prompts} system prompts of {setup.system_tokens} tokens; estimated capacity "
-            f"{capacity:.1f} req/s, offered {rate:.1f} req/s ({setup.load:.0%})",
+            f"{capacity:.1f} req/s, offered {rate:.1f} req/s ({setup.load:.0%})"
+            + (f"; another client keeps {setup.others} streams on replica 0" if setup.others else ""),
             flush=True,
         )
-        for name, kind, policy in POLICIES:
-            if args.policy is not None and policy not in args.policy:
+        for key, name, kind, policy, workers, settings in POLICIES:
+            if args.policy is not None and key not in args.policy:
                 continue
             started_at = time.monotonic()
-            result = run_policy(name, kind, policy, setup, workload, tmpdir)
+            result = run_policy(name, kind, policy, setup, workload, tmpdir, workers, settings)
             if result is None:
                 continue
             results.append(result)

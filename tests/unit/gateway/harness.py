@@ -19,6 +19,7 @@ import uvicorn
 import yaml
 from argosy_gateway.app import create_app
 from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.server import HTTP_PROTOCOL
 from argosy_gateway.settings import GatewaySettings
 from argosy_sandbox.cluster import free_port
 
@@ -100,7 +101,7 @@ def write_routes(path: Path, models: dict[str, Sequence[str]], policies: dict[st
 
 
 class RunningGateway:
-    """``create_app(settings)`` served by uvicorn (httptools) on a free 127.0.0.1 port."""
+    """``create_app(settings)`` served by uvicorn (the gateway's protocol) on a free 127.0.0.1 port."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -110,7 +111,7 @@ class RunningGateway:
             self.app,
             host="127.0.0.1",
             port=self.port,
-            http="httptools",
+            http=HTTP_PROTOCOL,  # the protocol the CLI serves with
             lifespan="on",
             log_level="warning",
             access_log=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -97,6 +98,41 @@ async def test_least_outstanding_prefers_the_idle_replica(
             picks[raw.headers["x-argosy-endpoint"]] += 1
         long.close()
     assert busy.split("://")[1] not in picks and sum(picks.values()) == 5
+
+
+async def test_prefix_affinity_steers_around_a_pod_whose_queue_others_filled(
+    gateway_factory: GatewayFactory, spawn_sim, tmp_path: Path
+) -> None:
+    busy = spawn_sim(["model-p"], itl_ms=50, max_num_seqs=2)
+    idle = spawn_sim(["model-p"], itl_ms=50, max_num_seqs=2)
+    write_routes(tmp_path / "routes.yaml", {"model-p": [busy.url, idle.url]}, {"model-p": "prefix-affinity"})
+    gateway = await gateway_factory(pod_metrics_seconds=0.1)
+
+    async def direct(http: aiohttp.ClientSession) -> None:
+        body = {"model": "model-p", "prompt": "x", "max_tokens": 200, "stream": True}
+        async with http.post(busy.url + "/v1/completions", json=body) as response:
+            await response.read()
+
+    async with aiohttp.ClientSession() as http, client(gateway.url) as sdk:
+        # Another client (a batch job, another gateway replica) fills one pod's batch and queue.
+        others = [asyncio.create_task(direct(http)) for _ in range(5)]
+        deadline = time.monotonic() + 10
+        while (load := gateway.runtime.pod_loads.get(busy.url)) is None or load.waiting < 3:
+            assert time.monotonic() < deadline, f"the busy pod's queue was not read: {gateway.runtime.pod_loads}"
+            await asyncio.sleep(0.05)
+        assert load.hidden == 5
+        # New prompts, about half of which hash to the busy pod, all go to the other one.
+        picks: Counter[str] = Counter()
+        for index in range(12):
+            raw = await sdk.completions.with_raw_response.create(
+                model="model-p", prompt=f"a new system prompt {index} " * 12, max_tokens=1
+            )
+            picks[raw.headers["x-argosy-endpoint"]] += 1
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+    assert picks == {idle.address: 12}
+    assert gateway.runtime.pod_loads[idle.url].hidden == 0
 
 
 async def test_no_input_makes_the_gateway_answer_500(gateway_factory: GatewayFactory, sims, tmp_path: Path) -> None:

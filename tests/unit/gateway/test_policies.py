@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from argosy_gateway.podload import PodLoad, PodReport, parse_vllm_metrics, pod_load
 from argosy_gateway.policies import LeastOutstanding, PrefixAffinity, RoundRobin, SessionAffinity, build_policies
 from argosy_gateway.routetable import POLICY_NAMES
 
@@ -150,3 +151,96 @@ def test_prefix_affinity_memory_is_bounded() -> None:
     for index in range(100):
         policy.choose("m", E, {}, f"{index:04d} " + "x" * 1000)  # 7 blocks each
     assert policy.remembered_blocks == 50
+
+
+# -- prefix affinity with the pods' own load (podload.PodLoad, from their /metrics) ------------
+
+
+def _home(key: str) -> str:
+    """Where a new prefix goes when nothing is loaded (its rendezvous home)."""
+    return PrefixAffinity().choose("m", E, {}, key)
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        # Nothing reported: the home endpoint, as without pod loads.
+        ({}, "home"),
+        # The home pod queues requests (its batch is full): elsewhere, whatever it caches.
+        ({"home": PodLoad(hidden=20, waiting=4, kv_cache_usage=0.5)}, "not home"),
+        # Busy with others' requests but nothing queued: affinity wins (a spilled prefix costs its cache).
+        ({"home": PodLoad(hidden=6, waiting=0, kv_cache_usage=0.5)}, "home"),
+        # The home pod's KV cache is full: not chosen while another has room.
+        ({"home": PodLoad(hidden=0, waiting=0, kv_cache_usage=0.97)}, "not home"),
+        # Every pod is overloaded: the request still goes somewhere (home).
+        ({e: PodLoad(hidden=0, waiting=2, kv_cache_usage=0.99) for e in E}, "home"),
+    ],
+)
+def test_prefix_affinity_avoids_pods_that_report_overload(pods: dict[str, PodLoad], expected: str) -> None:
+    key = "You are a pirate. " * 20
+    home = _home(key)
+    loads = {(home if e == "home" else e): load for e, load in pods.items()}
+    chosen = PrefixAffinity(pod_loads=loads).choose("m", E, {}, key)
+    assert (chosen == home) == (expected == "home")
+
+
+def test_prefix_affinity_sends_a_cached_conversation_back_unless_its_pod_is_overloaded() -> None:
+    pods: dict[str, PodLoad] = {}
+    policy = PrefixAffinity(pod_loads=pods)
+    first = policy.choose("m", E, {}, "system " * 100 + "turn 1")
+    assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2") == first
+    pods[first] = PodLoad(hidden=16, waiting=3, kv_cache_usage=0.5)  # others filled its batch meanwhile
+    moved = policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3")
+    assert moved != first
+    pods.clear()  # no report any more (the scrape failed): own counts only, back to the longest cache
+    assert policy.choose("m", E, {}, "system " * 100 + "turn 1 reply turn 2 reply turn 3 more") in (first, moved)
+
+
+def test_between_equal_holders_the_pod_with_less_load_from_others_wins() -> None:
+    pods: dict[str, PodLoad] = {}
+    policy = PrefixAffinity(pod_loads=pods)
+    prompt = "shared system prompt " * 40
+    first = policy.choose("m", E, {}, prompt)
+    second = policy.choose("m", E, {first: 3}, prompt)  # over the bound at 3 (headroom 2): a second holder
+    assert second != first
+    pods[first] = PodLoad(hidden=5, waiting=0, kv_cache_usage=0.3)
+    assert policy.choose("m", E, {}, prompt + " next") == second
+    pods[first], pods[second] = PodLoad(0, 0, 0.3), PodLoad(5, 0, 0.3)
+    assert policy.choose("m", E, {}, prompt + " next") == first
+
+
+def test_pod_load_is_what_the_pod_runs_beyond_our_own_requests() -> None:
+    report = PodReport(running=5.0, waiting=3.0, kv_cache_usage=0.4)
+    assert pod_load(report, ours=2) == PodLoad(hidden=6, waiting=3, kv_cache_usage=0.4)
+    assert pod_load(report, ours=10).hidden == 0  # our count is newer than the report
+    assert pod_load(PodReport(0, 0, 1.7), 0).kv_cache_usage == 1.0
+    assert not PodLoad(9, 0, 0.5).overloaded(0.95) and PodLoad(0, 1, 0.5).overloaded(0.95)
+
+
+VLLM_PAGE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m"} 0.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 7.0
+"""
+
+
+def test_vllm_metrics_page_is_read_per_engine() -> None:
+    assert parse_vllm_metrics(VLLM_PAGE) == PodReport(running=5.0, waiting=4.0, kv_cache_usage=0.75)
+
+
+@pytest.mark.parametrize("page", ["", "# a page without vLLM's gauges\nup 1\n", "<html>not metrics</html>"])
+def test_a_page_without_vllm_gauges_reports_nothing(page: str) -> None:
+    assert parse_vllm_metrics(page) is None

@@ -1,0 +1,143 @@
+"""The client-facing HTTP/1.1 protocol: uvicorn's httptools protocol, one socket write per answer.
+
+uvicorn writes a response's status line and headers as soon as the application sends
+``http.response.start``, and its body with the next message: two ``send`` system calls for
+every non-streamed answer, and the head of every stream in a packet of its own. With the
+gateway's short answers those writes were the largest single cost in its profile
+(docs/benchmarks.md). ``GatewayHttpProtocol`` keeps everything of uvicorn's protocol (parsing,
+keep-alive, pipelining, flow control, 100-continue, shutdown) and changes only how a response
+is written: the head is held until the first body message and goes out in the same write; if
+the application awaits something between the two, the head is written at the end of the
+current event-loop iteration, so a client never waits for it.
+
+Selected with ``uvicorn.run(..., http=HTTP_PROTOCOL)`` (cli.py and the tests' harness);
+tests/unit/gateway/test_server_protocol.py is its conformance suite. uvicorn is pinned in
+images/constraints.txt, and that suite runs against the pinned version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+_NO_BODY_STATUSES = (204, 304)
+HTTP_PROTOCOL = "argosy_gateway.server:GatewayHttpProtocol"
+"""uvicorn's ``http`` setting that selects this protocol."""
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's ``HttpToolsProtocol`` whose request cycles write each answer's head with its body."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # Every cycle (pipelined ones too) starts here, before its task first runs.
+        cycle.__class__ = _CoalescingCycle
+        cycle.loop = self.loop  # type: ignore[attr-defined]
+        super()._start_asgi_task(cycle, app)
+
+
+class _CoalescingCycle(RequestResponseCycle):
+    """A request cycle whose ``send`` holds the response head for the first body write."""
+
+    loop: asyncio.AbstractEventLoop
+    _held = b""  # the response head, not written yet
+
+    async def send(self, message: Any) -> None:  # the ASGI send callable
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            self._held = self._head(message["status"], message.get("headers", ()))
+            self.loop.call_soon(self._flush_head)
+            return
+        if self.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+        if kind != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            data = b""
+        elif self.chunked_encoding:
+            data = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more_body:
+                data += b"0\r\n\r\n"
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            data = body
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data:
+            self.transport.write(data)
+        if not more_body:
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
+
+    def _flush_head(self) -> None:
+        """The application awaited something after starting the response: write the head now."""
+        if self._held:
+            held, self._held = self._held, b""
+            if not self.disconnected:
+                self.transport.write(held)
+
+    def _head(self, status: int, headers: Any) -> bytes:
+        """The status line and headers; sets the framing (length or chunked) and keep-alive."""
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(self.scope),
+                self.scope["method"],
+                get_path_with_query_string(self.scope),
+                self.scope["http_version"],
+                status,
+            )
+        parts = [STATUS_LINE[status]]
+        close_sent = False
+        for pairs in (self.default_headers, headers):
+            for raw_name, value in pairs:
+                if HEADER_RE.search(raw_name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                name = raw_name.lower()
+                if name == b"content-length":
+                    if self.chunked_encoding is None:
+                        self.expected_content_length = int(value)
+                        self.chunked_encoding = False
+                elif name == b"transfer-encoding":
+                    if value.lower() == b"chunked":
+                        self.expected_content_length = 0
+                        self.chunked_encoding = True
+                elif name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+                    self.keep_alive = False
+                    close_sent = True
+                parts.append(b"%b: %b\r\n" % (name, value))
+        if not self.keep_alive and not close_sent:
+            parts.append(b"connection: close\r\n")
+        if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in _NO_BODY_STATUSES:
+            self.chunked_encoding = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
