@@ -678,9 +678,12 @@ class Kubelet:
 
         while True:
             try:
+                # Only workers that ran before the LIST began: one started while a long LIST was
+                # read (thousands of pods) is missing from it without being gone.
+                before = set(self.workers)
                 seen = {pod.metadata.uid async for pod in self.client.list(Pod, namespace="*")}
                 self.synced = True
-                for uid in set(self.workers) - seen:
+                for uid in before - seen:
                     await self._drop(uid)
             except asyncio.CancelledError:
                 raise
