@@ -7,6 +7,7 @@ with kopf's login, the metrics, and references to kopf's indexes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -70,6 +71,9 @@ class Runtime:
             self._process, workers=settings.workers, on_depth=metrics.queue_depth.set)
         self._indexes: dict[str, Mapping[Any, Any]] = {}
         self._node_views: dict[str, tuple[Any, ...]] = {}
+        # The GPU nodes as the last pass saw them, and what sticky placement reads of them:
+        # computed again only when kopf's index holds other node objects (a node event).
+        self._node_tables = observe.NodeTables()
         self._resync_handle: asyncio.TimerHandle | None = None
         self._synced = False
         self._stopping: asyncio.Task[None] | None = None
@@ -193,7 +197,7 @@ class Runtime:
 
     def observation(self, key: observe.ObjectKey) -> observe.Observation:
         idx = self._indexes
-        return observe.observe(
+        obs = observe.observe(
             key,
             idx.get("argosy_llmdeployments"),
             idx.get("argosy_gpu_nodes"),
@@ -202,6 +206,8 @@ class Runtime:
             idx.get("argosy_pods"),
             idx.get("argosy_backend_keys"),
         )
+        self._node_tables = tables = self._node_tables.current(obs.nodes)
+        return dataclasses.replace(obs, gpus=tables.gpus, pools=tables.pools)
 
     async def _process(self, key: observe.ObjectKey) -> Outcome:
         started = time.perf_counter()

@@ -33,13 +33,31 @@ SECRETS = ("", "v1", "secrets")
 BACKEND_KEY_LABELS = {**MANAGED, LABEL_BACKEND_KEY: kopf.PRESENT}
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's "last handled" state, kept nowhere: only change handlers (on.create/on.update) read it.
+
+    The operator registers none (every trigger ends in the work queue, which compares what
+    should exist with what does), so each watch event skips the copy and the comparison.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """kopf settings for the embedded operator."""
     # kopf's own bookkeeping (if a handler ever needs it) goes to annotations, which a
     # structural CRD schema does not prune; never to "status.kopf".
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_ANNOTATION_PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=KOPF_ANNOTATION_PREFIX, key="last-handled-configuration")
+    # No change handlers, so no diff base: kopf would otherwise deep-copy every watched body
+    # (managedFields and all) and parse an annotation on every watch event, for nothing.
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = f"{KOPF_ANNOTATION_PREFIX}/finalizer"
     # We record our own Events for condition transitions; kopf's per-handler ones are noise.
     settings.posting.enabled = False

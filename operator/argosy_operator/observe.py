@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from argosy_operator.builders import LABEL_DEPLOYMENT
+from argosy_operator.planner.inventory import GpuPool, inventory_from_nodes
+from argosy_operator.sticky import NodeGpus, node_table
 
 ObjectKey = tuple[str, str]
 """(namespace, LLMDeployment name)."""
@@ -148,6 +150,26 @@ class Observation:
     pods: tuple[Mapping[str, Any], ...] = ()
     backend_key: Mapping[str, Any] | None = None
     """The backend-key Secret (trimmed: no values), when one exists."""
+    gpus: tuple[NodeGpus, ...] | None = None
+    """sticky.node_table(nodes) when the caller keeps one per inventory (None: computed from nodes)."""
+    pools: tuple[GpuPool, ...] | None = None
+    """The planner's inventory_from_nodes(nodes), kept the same way."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeTables:
+    """What passes read of the GPU nodes, computed once for one set of node objects."""
+
+    nodes: tuple[Mapping[str, Any], ...] = ()
+    gpus: tuple[NodeGpus, ...] = ()
+    pools: tuple[GpuPool, ...] = ()
+
+    def current(self, nodes: tuple[Mapping[str, Any], ...]) -> NodeTables:
+        """These tables when `nodes` are the very objects they were made from (kopf replaces a node's
+        object on every event for it), else new ones."""
+        if len(nodes) == len(self.nodes) and all(a is b for a, b in zip(nodes, self.nodes, strict=True)):
+            return self
+        return NodeTables(nodes, node_table(nodes), tuple(inventory_from_nodes([dict(n) for n in nodes])))
 
 
 def _values(index: Mapping[Any, Iterable[Any]] | None, key: Any) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ from argosy_operator.hubfacts import HubFacts
 from argosy_operator.kubeapi import ApiError, KubeApi
 from argosy_operator.metrics import OperatorMetrics
 from argosy_operator.observe import Observation
-from argosy_operator.planner import PlacementError, inventory_from_nodes, plan_for_spec
+from argosy_operator.planner import GpuPool, PlacementError, inventory_from_nodes, plan_for_spec
 from argosy_operator.workqueue import Done, Outcome, Retry, WaitForChange
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def decide(
     now: str = "1970-01-01T00:00:00Z",
     chat_template: chattemplate.ResolvedTemplate | chattemplate.TemplateFailure | None = None,
     backend_key_id: str | None = None,
+    gpus: tuple[sticky.NodeGpus, ...] | None = None,
+    pools: tuple[GpuPool, ...] | None = None,
 ) -> Decision:
     """Parse the spec, keep or plan its placement, and render the desired children.
 
@@ -161,7 +163,9 @@ def decide(
     Without a placement the Service is still desired and an existing Deployment is kept.
     `chat_template` is spec.engine.chatTemplate resolved (chattemplate.resolve); a missing
     ConfigMap or key keeps any existing Deployment and starts no new pod. `backend_key_id` is
-    the key the pods start with (backendkey.plan_keys), None for none.
+    the key the pods start with (backendkey.plan_keys), None for none. `gpus` and `pools`
+    are sticky.node_table(nodes) and the planner's inventory_from_nodes(nodes), when the
+    caller keeps them from pass to pass (they change only with the nodes).
     """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -187,11 +191,12 @@ def decide(
         try:
             if isinstance(facts, PlacementError):
                 raise facts
-            planned = plan_for_spec(spec, inventory_from_nodes([dict(n) for n in nodes]), facts=facts)
+            inventory = list(pools) if pools is not None else inventory_from_nodes([dict(n) for n in nodes])
+            planned = plan_for_spec(spec, inventory, facts=facts)
         except PlacementError as e:
             return no_placement(str(e.reason or "NoPlacement"), str(e.message))
         placement = sticky.record(planned.to_status(), max_model_len=planned.max_model_len, generation=generation,
-                                  digest=digest, request=request, nodes=nodes, now=now)
+                                  digest=digest, request=request, nodes=nodes if gpus is None else gpus, now=now)
     assert placement is not None
     try:
         mount = chat_template.mount if chat_template is not None else None
@@ -201,7 +206,8 @@ def decide(
         children = group_builders.build_workload(inputs, spec.engine.distributed_executor)
     except ValueError as e:  # a URI the admission rules let through but we cannot map
         return no_placement("InvalidSpec", str(e))
-    capacity = sticky.capacity_problem(name, placement, spec.replicas, nodes, spec.scheduling.node_selector)
+    capacity = sticky.capacity_problem(name, placement, spec.replicas, nodes if gpus is None else gpus,
+                                       spec.scheduling.node_selector)
     owned = (chat_template.owned_config_map,) if chat_template and chat_template.owned_config_map else ()
     return Decision(spec=spec, placement=placement, desired=(*children, *owned), replanned=cause,
                     capacity_problem=capacity)
@@ -251,7 +257,7 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
             return key_step  # no pod may name a key the Secret does not hold
         key_id = key_step
     decision = decide(body, obs.nodes, facts, previous=previous, now=now, chat_template=template,
-                      backend_key_id=key_id)
+                      backend_key_id=key_id, gpus=obs.gpus, pools=obs.pools)
     keep, desired = decision.keep, decision.desired
     kept_groups = groups.observed_group_refs(obs.children)
     if diffplan.ChildRef("Deployment", name) in keep and kept_groups:

@@ -99,13 +99,21 @@ def node_gpus(node: Mapping[str, Any]) -> NodeGpus:
     )
 
 
-def pool_basis(product: str | None, gpus_per_pod: int, nodes: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+NodeLike = Mapping[str, Any] | NodeGpus
+"""A Node (as watched), or its NodeGpus already computed (once per inventory change, not per pass)."""
+
+
+def node_table(nodes: Iterable[NodeLike]) -> tuple[NodeGpus, ...]:
+    return tuple(n if isinstance(n, NodeGpus) else node_gpus(n) for n in nodes)
+
+
+def pool_basis(product: str | None, gpus_per_pod: int, nodes: Iterable[NodeLike]) -> tuple[int, int]:
     """(GPUs per node, MiB per GPU) of the pool a fresh placement on `product` was sized against.
 
     Pods are pinned to the product only, so the smallest GPU memory among that product's
     usable nodes is what the sizing can rely on.
     """
-    usable = [n for n in map(node_gpus, nodes)
+    usable = [n for n in node_table(nodes)
               if n.product == product and n.ready and not n.cordoned and n.gpus >= gpus_per_pod and n.memory_mib > 0]
     if not usable:
         return max(1, gpus_per_pod), 1
@@ -114,7 +122,7 @@ def pool_basis(product: str | None, gpus_per_pod: int, nodes: Iterable[Mapping[s
 
 def record(
     placement: Mapping[str, Any], *, max_model_len: int, generation: int, digest: str, request: str | None,
-    nodes: Iterable[Mapping[str, Any]], now: str,
+    nodes: Iterable[NodeLike], now: str,
 ) -> PlacementStatus:
     """The status.placement of a fresh plan (`placement` is the planner's Placement.to_status())."""
     gpus_per_node, memory = pool_basis(placement.get("gpuProduct"), int(placement["gpusPerPod"]), nodes)
@@ -133,7 +141,7 @@ def _count(n: int, word: str) -> str:
 
 
 def capacity_problem(
-    name: str, placement: PlacementStatus, replicas: int, nodes: Iterable[Mapping[str, Any]],
+    name: str, placement: PlacementStatus, replicas: int, nodes: Iterable[NodeLike],
     node_selector: Mapping[str, str] | None = None,
 ) -> str | None:
     """Why some of the placement's pods could not be scheduled again, or None when the pool holds them all.
@@ -147,7 +155,7 @@ def capacity_problem(
         return None
     selector = dict(node_selector or {})
     matching = [
-        n for n in map(node_gpus, nodes)
+        n for n in node_table(nodes)
         if n.product == placement.gpu_product and n.memory_mib >= basis.gpu_memory_mi_b
         and n.gpus >= placement.gpus_per_pod and all(n.labels.get(k) == v for k, v in selector.items())
     ]

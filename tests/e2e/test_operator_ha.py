@@ -161,9 +161,12 @@ def test_every_model_converges_after_the_api_server_restarts_mid_rollout(
             (d := cluster.get("deployment", n)) and "--enable-chunked-prefill" in container_of(d)["args"]
             for n in NAMES))
         apiserver = int(own_sandbox.pid_path("kube-apiserver").read_text())
+        ports = own_sandbox.load_ports()
         os.kill(apiserver, signal.SIGKILL)
         wait_for("the API server to go", lambda: not own_sandbox._is_ours(apiserver), timeout=10)
         own_sandbox.up()  # starts it again on the same port and data; the rest kept running
+        # The operator read the kubeconfig once: on another port it could never reconnect.
+        assert own_sandbox.load_ports() == ports, "the restarted API server moved to another port"
 
         wait_converged(cluster, NAMES, "--enable-chunked-prefill", replicas=2, timeout=120)
         assert operator.proc is not None and operator.proc.poll() is None, "the operator died with the API server"

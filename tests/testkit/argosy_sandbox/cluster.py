@@ -9,7 +9,6 @@ processes whose pid file was lost.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -84,6 +83,25 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+PORT_RELEASE_GRACE = 15.0
+"""Seconds a component's recorded port may stay taken before it is given up for another.
+
+A component killed a moment ago can hold its listener a while longer (see `_has_exited`),
+and moving a port breaks every client that already read the kubeconfig (a running operator
+keeps connecting to the old one), so a port is only moved when it stays taken.
+"""
+
+
+def _port_released(port: int, grace: float) -> bool:
+    """Wait up to `grace` seconds for nothing to listen on `port`; True when it is free."""
+    deadline = time.monotonic() + grace
+    while not port_is_free(port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -117,6 +135,7 @@ class Sandbox:
         pools: tuple[NodePool, ...] = DEFAULT_POOLS,
         report: Reporter = _print,
         control_plane_qps: int | None = None,
+        disabled_controllers: tuple[str, ...] = (),
     ) -> None:
         self.state = (state or state_dir()).resolve()
         self.pools = pools
@@ -124,6 +143,8 @@ class Sandbox:
         # Client QPS of the controller manager and the scheduler (their defaults, 20 and 50, are
         # what a real cluster starts with; a benchmark of a thousand objects raises them).
         self.control_plane_qps = control_plane_qps
+        # kube-controller-manager controllers left out (their names as in its --controllers flag).
+        self.disabled_controllers = disabled_controllers
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -195,7 +216,7 @@ class Sandbox:
             current = getattr(recorded, field_name) if recorded else None
             current = current or None  # 0: not chosen yet (a state dir from before the pod runner)
             component = owner[field_name]
-            if current is not None and (component in running or port_is_free(current)):
+            if current is not None and (component in running or _port_released(current, PORT_RELEASE_GRACE)):
                 values[field_name] = current
                 continue
             new = free_port(set(values.values()))
@@ -225,11 +246,11 @@ class Sandbox:
 
     def _is_ours(self, pid: int) -> bool:
         try:
+            # Empty for a zombie main thread, whose memory (and command line) is gone already.
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            status = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        return not _is_zombie(status) and str(self.state) in cmdline
+        return str(self.state) in cmdline and not _has_exited(pid)
 
     def orphan_pids(self) -> list[int]:
         """Every live process whose command line points into this state directory."""
@@ -263,13 +284,8 @@ class Sandbox:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if _has_exited(pid):
                 return
-            with contextlib.suppress(OSError):
-                if _is_zombie(Path(f"/proc/{pid}/stat").read_text()):
-                    return
             time.sleep(0.1)
         try:
             if target_group:
@@ -331,6 +347,8 @@ class Sandbox:
                 f"--cert-dir={self.state / 'controller-manager-certs'}",
                 "--leader-elect=false",
                 *self._qps_flags(),
+                *([f"--controllers=*,{','.join('-' + c for c in self.disabled_controllers)}"]
+                  if self.disabled_controllers else []),
                 "--use-service-account-credentials=false",
                 f"--service-account-private-key-file={pki_dir / 'sa.key'}",
                 f"--root-ca-file={pki_dir / 'ca.crt'}",
@@ -529,10 +547,7 @@ class Sandbox:
     def _start(self, component: str, ports: Ports, timeout: float) -> None:
         port = self._port_of(component, ports)
         # A component stopped a moment ago may still be releasing its listener.
-        deadline = time.monotonic() + 5
-        while not port_is_free(port) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not port_is_free(port):
+        if not _port_released(port, PORT_RELEASE_GRACE):
             raise SandboxError(
                 f"{component}: port {port} on 127.0.0.1 is in use by another process; "
                 "free it or run `make sandbox-down` and retry"
@@ -721,6 +736,27 @@ def container_pids_of(state: Path) -> list[int]:
         if marker in environ and pod_process and not _is_zombie(status):
             found.append(int(entry.name))
     return found
+
+
+def _has_exited(pid: int) -> bool:
+    """True when no thread of the process is left running (it is gone, or a zombie whose every thread exited).
+
+    The main thread of a killed multi-threaded process (a Go server) is a zombie as soon as
+    it has exited, while its other threads are still exiting and still hold the process's
+    files, its listening socket among them; on a busy machine, for seconds. Only when the last
+    thread is gone is the socket closed and the port free again.
+    """
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            if not _is_zombie((task / "stat").read_text()):
+                return False
+        except OSError:  # that thread is gone meanwhile
+            continue
+    return True
 
 
 def _is_zombie(proc_stat: str) -> bool:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx2
 import yaml
 from aiohttp import web
 
@@ -449,6 +450,13 @@ class PodWorker:
                 log.warning("status of %s/%s not written: %s", self.facts.namespace, self.facts.name, error)
                 await asyncio.sleep(1)
                 self._dirty.set()
+            except (httpx2.TransportError, OSError) as error:
+                # The API server is unreachable (restarting): this writer must outlive it, or the pod
+                # would keep its last status (ContainerCreating, not Ready) for ever.
+                log.warning("status of %s/%s not written (%r); retrying", self.facts.namespace, self.facts.name, error)
+                await asyncio.sleep(1)
+                self._dirty.set()
+                continue
             # Conditions keep their transition times: remember what was written.
             self.pod.setdefault("status", {})["conditions"] = patch["status"]["conditions"]
 
@@ -670,9 +678,12 @@ class Kubelet:
 
         while True:
             try:
+                # Only workers that ran before the LIST began: one started while a long LIST was
+                # read (thousands of pods) is missing from it without being gone.
+                before = set(self.workers)
                 seen = {pod.metadata.uid async for pod in self.client.list(Pod, namespace="*")}
                 self.synced = True
-                for uid in set(self.workers) - seen:
+                for uid in before - seen:
                     await self._drop(uid)
             except asyncio.CancelledError:
                 raise

@@ -181,3 +181,25 @@ def test_an_invalid_spec_keeps_every_child_and_the_recorded_placement() -> None:
     assert d.failure is not None and d.failure.reason == "InvalidSpec" and d.desired == ()
     assert d.keep == {ChildRef("Deployment", "m"), ChildRef("Service", "m")}
     assert d.placement is not None and d.placement.to_api() == previous["placement"]
+
+
+def test_node_tables_are_kept_while_the_node_objects_are_and_follow_a_cordon() -> None:
+    """The operator keeps the node tables from pass to pass; a node event (a new object) must refresh them."""
+    from argosy_operator.observe import NodeTables
+
+    nodes = (h100(0), h100(1))
+    tables = NodeTables().current(nodes)
+    assert tables.current(nodes) is tables
+    assert [n.cordoned for n in tables.gpus] == [False, False] and tables.pools[0].nodes == 2
+
+    cordoned = (h100(0, cordoned=True), nodes[1])  # kopf's index holds a new object for the node
+    after = tables.current(cordoned)
+    assert after is not tables and [n.cordoned for n in after.gpus] == [True, False]
+    assert after.pools[0].nodes == 1
+    # Decisions read the kept tables exactly as they would read the nodes.
+    _, previous = placed_on_h100()
+    both_cordoned = (h100(0, cordoned=True), h100(1, cordoned=True))
+    kept = NodeTables().current(both_cordoned)
+    assert (decide(lld(SPEC), both_cordoned, previous=previous, gpus=kept.gpus, pools=kept.pools).capacity_problem
+            == decide(lld(SPEC), both_cordoned, previous=previous).capacity_problem)
+    assert decide(lld(SPEC), both_cordoned, previous=previous, gpus=kept.gpus).capacity_problem is not None
