@@ -69,7 +69,7 @@ async def _ask_simulator(argv_extra: list[str], env: dict[str, str]) -> list[dic
     os.environ.pop("VLLM_API_KEY", None)
     os.environ.update(env)
     try:
-        config = parse_args(["--model", "m", "--port", "0", *argv_extra])
+        _, config = parse_args(["--model", "m", "--port", "0", *argv_extra])
     finally:
         os.environ.pop("VLLM_API_KEY", None)
         if saved is not None:
