@@ -62,7 +62,7 @@ test-e2e: sandbox-build ## end-to-end tests against the sandbox
 	@$(PY) -m pytest -q -m e2e tests
 
 test: sandbox-build ## every test: unit and end-to-end (starts or reuses the sandbox)
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q --durations=25 tests
 
 test-apiserver-restart: sandbox-build ## only the case that restarts a second sandbox's kube-apiserver mid-rollout (make test runs it too)
 	@$(PY) -m pytest -q -m apiserver_restart tests
