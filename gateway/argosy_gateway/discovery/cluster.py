@@ -209,12 +209,17 @@ class ClusterState:
         return self.deployments, deployment_info
 
     def apply(self, resource: str, event_type: str | None, body: Body) -> bool:
-        """Apply one watch event to ``resource`` (PODS, DEPLOYMENTS or SECRETS); True when routes may change."""
-        if resource == PODS:
-            return self.apply_pod_event(event_type, body)
-        if resource == SECRETS:
-            return self._apply_event(SECRETS, event_type, body)
-        return self.apply_deployment_event(event_type, body)
+        """Apply one watch event (type ADDED/MODIFIED/DELETED, or None while listing) to ``resource``
+        (PODS, DEPLOYMENTS or SECRETS); True when the routes may have changed."""
+        known, info_of = self._store(resource)
+        key = object_key(body)
+        if event_type == "DELETED":
+            return known.pop(key, None) is not None
+        info = info_of(body)
+        if known.get(key) == info:
+            return False
+        known[key] = info
+        return True
 
     def replace(self, resource: str, namespace: str | None, bodies: Iterable[Body]) -> None:
         """A fresh LIST of ``resource`` in ``namespace`` (None: every namespace) replaces, in one
@@ -229,25 +234,10 @@ class ClusterState:
         known.update(fresh)
 
     def apply_pod_event(self, event_type: str | None, body: Body) -> bool:
-        """Apply one watch event (type ADDED/MODIFIED/DELETED, or None while listing).
-
-        Returns True when the routes may have changed.
-        """
-        return self._apply_event(PODS, event_type, body)
+        return self.apply(PODS, event_type, body)
 
     def apply_deployment_event(self, event_type: str | None, body: Body) -> bool:
-        return self._apply_event(DEPLOYMENTS, event_type, body)
-
-    def _apply_event(self, resource: str, event_type: str | None, body: Body) -> bool:
-        known, info_of = self._store(resource)
-        key = object_key(body)
-        if event_type == "DELETED":
-            return known.pop(key, None) is not None
-        info = info_of(body)
-        if known.get(key) == info:
-            return False
-        known[key] = info
-        return True
+        return self.apply(DEPLOYMENTS, event_type, body)
 
     def _keys_by_deployment(self) -> dict[tuple[str, str], Mapping[str, str]]:
         found: dict[tuple[str, str], Mapping[str, str]] = {}
