@@ -512,6 +512,73 @@ class SchedulingSpec(ApiModel):
     )
 
 
+# spec.rollout's percentages, as Kubernetes writes them (no leading zeros, so "0%" is the only zero).
+_PERCENT = r"^(0|[1-9][0-9]{0,5})%$"
+_PERCENT_TO_100 = r"^(100|[1-9]?[0-9])%$"
+
+
+def _surge_or_unavailable_schema(default: int, percent_pattern: str) -> dict[str, Any]:
+    return {
+        "x-kubernetes-int-or-string": True,
+        "default": default,
+        # minimum and maximum apply to the integer form, pattern to the string form.
+        "minimum": 0,
+        "maximum": 10000,
+        "pattern": percent_pattern,
+    }
+
+
+def _is_zero(value: int | str) -> bool:
+    return value in (0, "0%")
+
+
+def _cel_is_zero(field: str) -> str:
+    return f"(type(self.{field}) == int ? self.{field} == 0 : self.{field} == '0%')"
+
+
+class RolloutSpec(ApiModel):
+    """How the serving pods are replaced when their template changes (a new spec, image, chat template or
+    backend key): the Deployment's RollingUpdate strategy, with Kubernetes' semantics."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"!(has(self.maxSurge) && has(self.maxUnavailable) && {_cel_is_zero('maxSurge')}"
+                    f" && {_cel_is_zero('maxUnavailable')})",
+                    "message": "rollout.maxSurge and rollout.maxUnavailable cannot both be 0: no pod could "
+                    "ever be replaced",
+                }
+            ]
+        }
+    )
+
+    max_surge: Annotated[
+        Annotated[int, Field(ge=0, le=10000, strict=True)] | Annotated[str, Field(pattern=_PERCENT)],
+        WithJsonSchema(_surge_or_unavailable_schema(0, _PERCENT)),
+    ] = Field(
+        default=0,
+        description="Pods started above spec.replicas during a rollout: a number or a percentage of "
+        "spec.replicas (rounded up), as in a Deployment's strategy.rollingUpdate.maxSurge. Each one needs a free "
+        "set of GPUs, like a replica. 1 with maxUnavailable 0 replaces a single replica without an outage.",
+    )
+    max_unavailable: Annotated[
+        Annotated[int, Field(ge=0, le=10000, strict=True)] | Annotated[str, Field(pattern=_PERCENT_TO_100)],
+        WithJsonSchema(_surge_or_unavailable_schema(1, _PERCENT_TO_100)),
+    ] = Field(
+        default=1,
+        description="Replicas that may be unavailable during a rollout: a number or a percentage of "
+        "spec.replicas (rounded down), as in a Deployment's strategy.rollingUpdate.maxUnavailable.",
+    )
+
+    @model_validator(mode="after")
+    def _can_progress(self) -> RolloutSpec:
+        if _is_zero(self.max_surge) and _is_zero(self.max_unavailable):
+            raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0: no pod could ever "
+                             "be replaced")
+        return self
+
+
 class PlanningSpec(ApiModel):
     """Knobs of the GPU planner."""
 
@@ -646,6 +713,13 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=SchedulingSpec, description="Extra scheduling constraints for serving pods."
     )
     planning: PlanningSpec = Field(default_factory=PlanningSpec, description="Planner settings.")
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec,
+        description="How serving pods are replaced when their template changes. Default: one replica at a "
+        "time with no extra pod (maxSurge 0, maxUnavailable 1), since a surge pod needs spare GPUs. Replicas "
+        "that span nodes (groups) ignore it: they are replaced one group at a time while the others are ready. "
+        "Changing only these fields re-plans nothing and restarts no pod.",
+    )
     backend_key: BackendKeySpec = Field(
         default_factory=BackendKeySpec,
         description="The key only the gateway holds, so serving pods refuse callers that go around it (on by default).",

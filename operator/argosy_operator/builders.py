@@ -168,6 +168,9 @@ class ServerInputs:
     backend_key_id: str | None = None
     """The backend key the pods start with (VLLM_API_KEY from the entry key-<id> of the Secret
     <name>-backend-key); None: vLLM accepts any caller."""
+    max_surge: int | str = 0
+    max_unavailable: int | str = 1
+    """spec.rollout: the Deployment's rollingUpdate (a number of pods or a percentage string)."""
 
     @property
     def gpus_per_pod(self) -> int:
@@ -479,13 +482,13 @@ def build_deployment(inputs: ServerInputs) -> dict[str, Any]:
         "spec": {
             "replicas": inputs.replicas,
             "selector": {"matchLabels": selector_labels(inputs.name)},
-            # GPUs are the scarce resource: a surge pod needs a free GPU set that a busy
-            # cluster usually does not have, so the rollout would hang with a Pending pod.
-            # Replace one replica at a time instead (with one replica this is a short
-            # outage, the price of not holding twice the GPUs).
+            # By default (spec.rollout) no surge: GPUs are the scarce resource, and a surge pod
+            # needs a free GPU set that a busy cluster usually does not have, so the rollout
+            # would hang with a Pending pod. One replica at a time instead; with one replica
+            # that is a short outage unless the user grants a surge.
             "strategy": {
                 "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+                "rollingUpdate": {"maxSurge": inputs.max_surge, "maxUnavailable": inputs.max_unavailable},
             },
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,

@@ -119,6 +119,8 @@ def server_inputs(name: str, namespace: str, uid: str, spec: LLMDeploymentSpec, 
         termination_grace_period_seconds=engine.termination_grace_period_seconds,
         pods_per_replica=placement.pods_per_replica,
         backend_key_id=backend_key_id,
+        max_surge=spec.rollout.max_surge,
+        max_unavailable=spec.rollout.max_unavailable,
     )
 
 

@@ -24,13 +24,14 @@ REPLAN_ANNOTATION = "argosy.dev/replan"
 
 
 def spec_hash(spec: LLMDeploymentSpec) -> str:
-    """The hash a placement is recorded with: the whole spec but `replicas` and `backendKey`.
+    """The hash a placement is recorded with: the whole spec but `replicas`, `backendKey` and `rollout`.
 
     Scaling (kubectl scale, an autoscaler, the gateway waking a model) bumps
     metadata.generation too, and must never move a serving model.
     """
-    # The backend key changes no placement: turning it on or off only rolls the pods.
-    data = spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "backend_key"})
+    # Neither the backend key (turning it on or off only rolls the pods) nor the rollout strategy
+    # (it reaches the Deployment, not the pods) changes what a replica needs.
+    data = spec.model_dump(mode="json", by_alias=True, exclude={"replicas", "backend_key", "rollout"})
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
