@@ -3,8 +3,9 @@ gateway's bearer token, a restart that keeps the key, and a rotation during traf
 
 The operator and the gateway run as their own processes; the sandbox's pod runner serves every
 vLLM pod with the simulator, which enforces VLLM_API_KEY as vLLM does (tests/contract checks the
-two agree; tests/e2e/test_real_vllm.py checks the 401 and the gateway's key on real vLLM). The
-rotation runs on the simulator because a roll of real vLLM pods takes minutes per pod here.
+two agree; tests/e2e/test_real_vllm.py checks the 401, the gateway's key and a rotation of one real
+replica with a surge pod). The rotations here are the cheap variants: two replicas with the default
+rollout (one at a time, no surge), and one replica with a surge pod.
 """
 
 from __future__ import annotations
@@ -58,6 +59,49 @@ def key_ids(cluster: Cluster) -> set[str]:
     return {p["metadata"]["annotations"].get("argosy.dev/backend-key-id", "") for p in cluster.pods(NAME)}
 
 
+def rotate_under_traffic(cluster: Cluster, gateway: GatewayProcess, old: str, replicas: int, tmp_path: Path,
+                         ready_seen: list[int] | None = None) -> tuple[float, int, list[int]]:
+    """Rotate the key while two clients keep calling through the gateway; wait until every pod runs the new
+    key, the old entry is gone and `replicas` endpoints are ready again, and at least 100 requests were sent
+    since the rotation. Returns (seconds to roll, requests sent during the roll, every request's status);
+    `ready_seen` collects the gateway's ready endpoints as polled during the roll."""
+    results: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            results.append(post(gateway.url, "Bearer client-key")[0])
+            time.sleep(0.05)
+
+    def rolled() -> bool:
+        ready = gateway.models().get(NAME, {}).get("readyEndpoints", 0)
+        if ready_seen is not None:
+            ready_seen.append(ready)
+        current = secret(cluster)
+        new = current["metadata"]["annotations"]["argosy.dev/backend-key-current"]
+        return new != old and key_ids(cluster) == {new} and set(current["data"]) == {f"key-{new}"} and (
+            ready == replicas)
+
+    senders = [threading.Thread(target=traffic) for _ in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(1)
+        started_with = len(results)
+        rotated_at = time.monotonic()
+        cluster.kubectl("annotate", "llmdeployment", NAME, "argosy.dev/rotate-backend-key=1", "--overwrite")
+        assert wait_for(rolled, 240, interval=0.5), (tmp_path / "operator.log").read_text()[-3000:]
+        rolled_in = time.monotonic() - rotated_at
+        during = len(results) - started_with
+        while len(results) - started_with < 100:  # at least 100 requests in all since the rotation
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+    return rolled_in, during, results
+
+
 def test_pods_demand_the_key_the_gateway_sends_it_and_a_rotation_under_traffic_fails_no_request(
     sandbox: Sandbox, operator: Operator, cluster: Cluster, gateway: GatewayProcess, tmp_path: Path
 ) -> None:
@@ -95,38 +139,7 @@ def test_pods_demand_the_key_the_gateway_sends_it_and_a_rotation_under_traffic_f
     assert {p["metadata"]["uid"] for p in cluster.pods(NAME)} == pods_before
 
     # Rotation while clients keep calling through the gateway: not one request fails.
-    results: list[int] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            results.append(post(gateway.url, "Bearer client-key")[0])
-            time.sleep(0.05)
-
-    senders = [threading.Thread(target=traffic) for _ in range(2)]
-    for sender in senders:
-        sender.start()
-    try:
-        time.sleep(1)
-        started_with = len(results)
-        rotated_at = time.monotonic()
-        cluster.kubectl("annotate", "llmdeployment", NAME, "argosy.dev/rotate-backend-key=1", "--overwrite")
-
-        def rolled() -> bool:
-            current = secret(cluster)
-            new = current["metadata"]["annotations"]["argosy.dev/backend-key-current"]
-            return new != old and key_ids(cluster) == {new} and set(current["data"]) == {f"key-{new}"} and (
-                gateway.models().get(NAME, {}).get("readyEndpoints") == 2)
-
-        assert wait_for(rolled, 240, interval=0.5), (tmp_path / "operator.log").read_text()[-3000:]
-        rolled_in = time.monotonic() - rotated_at
-        during = len(results) - started_with
-        while len(results) - started_with < 100:  # at least 100 requests in all since the rotation
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for sender in senders:
-            sender.join()
+    rolled_in, during, results = rotate_under_traffic(cluster, gateway, old, 2, tmp_path)
     failed = [status for status in results if status != 200]
     print(f"rotation: pods rolled and the old key dropped in {rolled_in:.1f} s; {during} requests during the roll, "
           f"{len(results)} in all, {len(failed)} failed")
@@ -134,3 +147,37 @@ def test_pods_demand_the_key_the_gateway_sends_it_and_a_rotation_under_traffic_f
     assert not failed, f"{len(failed)} of {len(results)} requests failed during the rotation: {sorted(set(failed))}"
     for pod in cluster.pods(NAME):  # the old key opens no new pod
         assert post(f"http://{pod['status']['podIP']}:8000", f"Bearer {key}") == (401, {"error": "Unauthorized"})
+
+
+def test_one_replica_with_a_surge_pod_rotates_its_key_without_an_outage(
+    sandbox: Sandbox, operator: Operator, cluster: Cluster, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    # The default (maxSurge 0) would stop the only pod before starting its successor.
+    cluster.apply(NAME, {**SPEC, "replicas": 1, "rollout": {"maxSurge": 1, "maxUnavailable": 0}})
+    cluster.wait_ready(NAME, 1)
+    assert wait_for(lambda: gateway.models().get(NAME, {}).get("readyEndpoints") == 1, 30)
+    deployment = cluster.get("deployment", NAME)
+    assert deployment is not None
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    (old,) = key_ids(cluster)
+    old_pod = cluster.pods(NAME)[0]["metadata"]["uid"]
+
+    ready_seen: list[int] = []
+    rolled_in, during, results = rotate_under_traffic(cluster, gateway, old, 1, tmp_path, ready_seen)
+    failed = [status for status in results if status != 200]
+    print(f"one-replica rotation with a surge pod: rolled in {rolled_in:.1f} s, {during} requests during the roll, "
+          f"{len(failed)} failed; ready endpoints seen {sorted(set(ready_seen))}")
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {sorted(set(failed))}"
+    assert min(ready_seen) >= 1, "the gateway had no ready pod during the roll"
+    [pod] = cluster.pods(NAME)
+    assert pod["metadata"]["uid"] != old_pod
+
+
+def test_a_rollout_that_could_never_replace_a_pod_is_refused_by_kubectl_apply(cluster: Cluster) -> None:
+    result = cluster.apply(NAME, {**SPEC, "rollout": {"maxSurge": 0, "maxUnavailable": "0%"}}, check=False)
+    assert result.returncode != 0
+    assert "rollout.maxSurge and rollout.maxUnavailable cannot both be 0" in result.stderr
+    assert "should match" not in result.stderr
+    bad = cluster.apply(NAME, {**SPEC, "rollout": {"maxUnavailable": "150%"}}, check=False)
+    assert bad.returncode != 0 and "maxUnavailable" in bad.stderr
+    assert cluster.get("llmdeployment", NAME) is None

@@ -284,6 +284,110 @@ def test_a_killed_vllm_is_restarted_counted_and_routed_around_until_ready(
     print(f"vLLM served again {time.monotonic() - killed:.0f} s after the kill")
 
 
+def _kubectl_json(sandbox: Sandbox, namespace: str, *what: str) -> dict[str, Any]:
+    return dict(json.loads(sandbox.kubectl("get", *what, "-n", namespace, "-o", "json").stdout))
+
+
+def _backend_keys(sandbox: Sandbox, namespace: str) -> tuple[str, dict[str, str]]:
+    """The backend-key Secret's current key id and its entries, decoded."""
+    found = _kubectl_json(sandbox, namespace, "secret", f"{MODEL}-backend-key")
+    entries = {name: base64.b64decode(value).decode() for name, value in found["data"].items()}
+    return found["metadata"]["annotations"]["argosy.dev/backend-key-current"], entries
+
+
+def test_a_key_rotation_with_a_surge_pod_fails_none_of_the_requests_sent_during_the_roll(
+    sandbox: Sandbox, release: Release, serving: Serving
+) -> None:
+    """One real replica with rollout.maxSurge 1 / maxUnavailable 0: a new backend key starts a second vLLM
+    beside the first, which serves until the new one is Ready and then drains; SDK clients calling all
+    along through the gateway see no failure. Replaces the module's vLLM pod (the one after it expects that)."""
+    models = release.models
+    old_pod = _serving_pod(sandbox, models)
+    assert old_pod is not None and chart.is_ready(old_pod)
+    old_id, entries = _backend_keys(sandbox, models)
+    assert old_pod["metadata"]["annotations"]["argosy.dev/backend-key-id"] == old_id
+    old_key = entries[f"key-{old_id}"]
+    planned_for = _kubectl_json(sandbox, models, "lld", MODEL)["status"]["placement"]["plannedFor"]
+
+    # The rollout fields alone: they reach the Deployment's strategy, re-plan nothing, restart no pod.
+    patch = {"spec": {"rollout": {"maxSurge": 1, "maxUnavailable": 0}}}
+    sandbox.kubectl("patch", "lld", MODEL, "-n", models, "--type=merge", "-p", json.dumps(patch))
+    assert wait_for(lambda: _kubectl_json(sandbox, models, "deployment", MODEL)["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, 60, interval=1)
+    lld = _kubectl_json(sandbox, models, "lld", MODEL)
+    assert lld["status"]["observedGeneration"] == lld["metadata"]["generation"]
+    assert lld["status"]["placement"]["plannedFor"] == planned_for
+    pods = chart.pods(sandbox, models, f"argosy.dev/deployment={MODEL}")
+    assert [p["metadata"]["uid"] for p in pods] == [old_pod["metadata"]["uid"]]
+
+    # A steady stream of SDK requests through the gateway, every third one streamed, over the whole roll.
+    sent: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def calls(worker: int) -> None:
+        client = openai.OpenAI(base_url=f"{release.gateway_url}/v1", api_key="client-key", max_retries=0,
+                               timeout=120)
+        with client:
+            index = 0
+            while not stop.is_set():
+                index += 1
+                messages = [{"role": "user", "content": f"Hello {worker}.{index}"}]
+                sent.append(time.monotonic())
+                try:
+                    if index % 3 == 0:
+                        chunks = list(client.chat.completions.create(
+                            model=MODEL, messages=messages, max_tokens=4, stream=True,  # type: ignore[arg-type]
+                            stream_options={"include_usage": True}))
+                        assert chunks and chunks[-1].usage is not None, "the stream ended early"
+                    else:
+                        answer = client.chat.completions.create(
+                            model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+                        assert answer.choices[0].message.content is not None
+                except Exception as error:  # every failure is counted and reported
+                    failures.append(f"{type(error).__name__}: {error}")
+                stop.wait(0.5)
+
+    def rolled() -> bool:
+        current, keys = _backend_keys(sandbox, models)
+        pods = chart.pods(sandbox, models, f"argosy.dev/deployment={MODEL}")
+        return (current != old_id and set(keys) == {f"key-{current}"} and len(pods) == 1
+                and pods[0]["metadata"]["annotations"].get("argosy.dev/backend-key-id") == current
+                and chart.is_ready(pods[0]))
+
+    senders = [threading.Thread(target=calls, args=(i,)) for i in range(2)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(2)
+        assert not failures, failures
+        rotated_at = time.monotonic()
+        sandbox.kubectl("annotate", "lld", MODEL, "-n", models, "argosy.dev/rotate-backend-key=1", "--overwrite")
+        done = wait_for(rolled, 600, interval=2)
+        rolled_at = time.monotonic()
+        time.sleep(2)  # a few requests to the new pod alone
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(150)
+    during = sum(1 for t in sent if rotated_at <= t <= rolled_at)
+    print(f"rotation on real vLLM (maxSurge 1): rolled, old key dropped in {rolled_at - rotated_at:.0f} s; "
+          f"{during} SDK requests sent during the roll, {len(sent)} in all, {len(failures)} failed")
+    assert done, "the pod did not roll to the new key in 600 s"
+    assert not failures, f"{len(failures)} of {len(sent)} requests failed: {failures[:5]}"
+    assert during >= 100, f"only {during} requests were sent during the roll"
+
+    [new_pod] = chart.pods(sandbox, models, f"argosy.dev/deployment={MODEL}")
+    assert new_pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
+    new_id, entries = _backend_keys(sandbox, models)
+    assert new_pod["metadata"]["annotations"]["argosy.dev/backend-key-id"] == new_id != old_id
+    assert set(entries) == {f"key-{new_id}"}  # the old entry is gone from the Secret
+    direct = f"http://{new_pod['status']['podIP']}:8000"
+    assert _post(direct, f"Bearer {old_key}") == (401, {"error": "Unauthorized"})  # the new vLLM refuses it
+    assert _post(direct, f"Bearer {entries[f'key-{new_id}']}")[0] == 200
+    serving.pod = new_pod
+
+
 def test_a_model_at_zero_wakes_on_its_first_requests_and_answers_every_one(
     sandbox: Sandbox, release: Release, serving: Serving
 ) -> None:
