@@ -528,6 +528,17 @@ def _surge_or_unavailable_schema(default: int, percent_pattern: str) -> dict[str
     }
 
 
+_Pods = Annotated[int, Field(ge=0, le=10000, strict=True)]
+MaxSurge = Annotated[
+    _Pods | Annotated[str, Field(pattern=_PERCENT)], WithJsonSchema(_surge_or_unavailable_schema(0, _PERCENT))
+]
+MaxUnavailable = Annotated[
+    _Pods | Annotated[str, Field(pattern=_PERCENT_TO_100)],
+    WithJsonSchema(_surge_or_unavailable_schema(1, _PERCENT_TO_100)),
+]
+_ROLLOUT_STUCK = "rollout.maxSurge and rollout.maxUnavailable cannot both be 0: no pod could ever be replaced"
+
+
 def _is_zero(value: int | str) -> bool:
     return value in (0, "0%")
 
@@ -546,26 +557,19 @@ class RolloutSpec(ApiModel):
                 {
                     "rule": f"!(has(self.maxSurge) && has(self.maxUnavailable) && {_cel_is_zero('maxSurge')}"
                     f" && {_cel_is_zero('maxUnavailable')})",
-                    "message": "rollout.maxSurge and rollout.maxUnavailable cannot both be 0: no pod could "
-                    "ever be replaced",
+                    "message": _ROLLOUT_STUCK,
                 }
             ]
         }
     )
 
-    max_surge: Annotated[
-        Annotated[int, Field(ge=0, le=10000, strict=True)] | Annotated[str, Field(pattern=_PERCENT)],
-        WithJsonSchema(_surge_or_unavailable_schema(0, _PERCENT)),
-    ] = Field(
+    max_surge: MaxSurge = Field(
         default=0,
         description="Pods started above spec.replicas during a rollout: a number or a percentage of "
         "spec.replicas (rounded up), as in a Deployment's strategy.rollingUpdate.maxSurge. Each one needs a free "
         "set of GPUs, like a replica. 1 with maxUnavailable 0 replaces a single replica without an outage.",
     )
-    max_unavailable: Annotated[
-        Annotated[int, Field(ge=0, le=10000, strict=True)] | Annotated[str, Field(pattern=_PERCENT_TO_100)],
-        WithJsonSchema(_surge_or_unavailable_schema(1, _PERCENT_TO_100)),
-    ] = Field(
+    max_unavailable: MaxUnavailable = Field(
         default=1,
         description="Replicas that may be unavailable during a rollout: a number or a percentage of "
         "spec.replicas (rounded down), as in a Deployment's strategy.rollingUpdate.maxUnavailable.",
@@ -574,8 +578,7 @@ class RolloutSpec(ApiModel):
     @model_validator(mode="after")
     def _can_progress(self) -> RolloutSpec:
         if _is_zero(self.max_surge) and _is_zero(self.max_unavailable):
-            raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0: no pod could ever "
-                             "be replaced")
+            raise ValueError(_ROLLOUT_STUCK)
         return self
 
 
