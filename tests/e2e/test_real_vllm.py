@@ -28,6 +28,7 @@ from argosy_sandbox import chart
 from argosy_sandbox import kubelet_plan as plan
 from argosy_sandbox.cluster import Sandbox
 from argosy_sandbox.podrunner import wait_for
+from openai.types.chat import ChatCompletionMessageParam
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -332,28 +333,35 @@ def test_a_key_rotation_with_a_surge_pod_fails_none_of_the_requests_sent_during_
             index = 0
             while not stop.is_set():
                 index += 1
-                messages = [{"role": "user", "content": f"Hello {worker}.{index}"}]
+                messages: list[ChatCompletionMessageParam] = [
+                    {"role": "user", "content": f"Hello {worker}.{index}"}]
                 sent.append(time.monotonic())
                 try:
                     if index % 3 == 0:
                         chunks = list(client.chat.completions.create(
-                            model=MODEL, messages=messages, max_tokens=4, stream=True,  # type: ignore[arg-type]
+                            model=MODEL, messages=messages, max_tokens=4, stream=True,
                             stream_options={"include_usage": True}))
                         assert chunks and chunks[-1].usage is not None, "the stream ended early"
                     else:
-                        answer = client.chat.completions.create(
-                            model=MODEL, messages=messages, max_tokens=4)  # type: ignore[arg-type]
+                        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
                         assert answer.choices[0].message.content is not None
                 except Exception as error:  # every failure is counted and reported
                     failures.append(f"{type(error).__name__}: {error}")
                 stop.wait(0.5)
 
+    phases: dict[str, float] = {}  # where the roll's time goes: first seen, seconds after the rotation
+
     def rolled() -> bool:
         current, keys = _backend_keys(sandbox, models)
         pods = chart.pods(sandbox, models, f"argosy.dev/deployment={MODEL}")
-        return (current != old_id and set(keys) == {f"key-{current}"} and len(pods) == 1
-                and pods[0]["metadata"]["annotations"].get("argosy.dev/backend-key-id") == current
-                and chart.is_ready(pods[0]))
+        ids = [(p["metadata"]["annotations"].get("argosy.dev/backend-key-id"), chart.is_ready(p)) for p in pods]
+        for phase, seen in (("surge pod", any(i == current != old_id for i, _ in ids)),
+                            ("it is Ready", (current, True) in ids and current != old_id),
+                            ("old pod gone", ids and old_id not in {i for i, _ in ids}),
+                            ("old entry dropped", current != old_id and set(keys) == {f"key-{current}"})):
+            if seen:
+                phases.setdefault(phase, time.monotonic() - rotated_at)
+        return len(phases) == 4 and ids == [(current, True)]
 
     senders = [threading.Thread(target=calls, args=(i,)) for i in range(2)]
     for sender in senders:
@@ -372,7 +380,8 @@ def test_a_key_rotation_with_a_surge_pod_fails_none_of_the_requests_sent_during_
             sender.join(150)
     during = sum(1 for t in sent if rotated_at <= t <= rolled_at)
     print(f"rotation on real vLLM (maxSurge 1): rolled, old key dropped in {rolled_at - rotated_at:.0f} s; "
-          f"{during} SDK requests sent during the roll, {len(sent)} in all, {len(failures)} failed")
+          f"{during} SDK requests sent during the roll, {len(sent)} in all, {len(failures)} failed; first seen: "
+          + ", ".join(f"{phase} {at:.0f} s" for phase, at in phases.items()))
     assert done, "the pod did not roll to the new key in 600 s"
     assert not failures, f"{len(failures)} of {len(sent)} requests failed: {failures[:5]}"
     assert during >= 100, f"only {during} requests were sent during the roll"
