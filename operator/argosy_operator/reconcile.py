@@ -345,9 +345,10 @@ async def reconcile(ctx: ReconcileContext, obs: Observation) -> Outcome:
 async def _backend_key(ctx: ReconcileContext, obs: Observation, enabled: bool) -> str | Retry | None:
     """Bring the backend-key Secret to the plan's state; the key id new pods get (None: no key).
 
-    The plan is made from the watch cache; a pass that must write reads the Secret again
-    first and writes with its resourceVersion, so a cache that lags our own last write
-    never rotates twice or drops a key just added.
+    The plan is made from the watch cache. A new Secret is created in one call: the API
+    server refuses a second one (409), and only then is it read. Any other write reads
+    the Secret again first and writes with its resourceVersion, so a cache that lags our
+    own last write never rotates twice or drops a key just added.
     """
     assert obs.llmdeployment is not None
     meta = obs.llmdeployment["metadata"]
@@ -363,6 +364,15 @@ async def _backend_key(ctx: ReconcileContext, obs: Observation, enabled: bool) -
     if not plan.writes:
         return plan.current
     try:
+        if plan.create:
+            try:
+                logger.info("backend key of %s/%s: %s; %s", namespace, name, plan.reason,
+                            await apply.write_backend_key(ctx.api, name, namespace, uid, plan, None))
+                return plan.current
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                # It exists after all (the cache lags, or the name is taken): decide on what is there.
         fresh = await apply.read_secret(ctx.api, namespace, backendkey.secret_name(name))
         keys = ours(fresh)
         if fresh is not None and keys is None:

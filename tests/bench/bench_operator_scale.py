@@ -111,6 +111,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def component_cpu(sandbox: Sandbox) -> dict[str, float]:
+    """CPU seconds (utime + stime) so far of every sandbox component that is running."""
+    seconds = {}
+    for component in Sandbox.COMPONENTS:
+        try:
+            seconds[component] = cpu_seconds(int(sandbox.pid_path(component).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return seconds
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -192,6 +203,8 @@ class Result:
     load_before: str
     load_after: str
     services_span: float
+    cpu_by_component: dict[str, float]
+    wall: float
 
 
 class OperatorProcess:
@@ -239,6 +252,7 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
             return None
         pid = operator.proc.pid
         rss_idle, cpu_idle = proc_status(pid, "VmHWM"), cpu_seconds(pid)
+        components_idle, wall_idle = component_cpu(sandbox), time.monotonic()
         idle_text = scrape(operator.port)
         calls_idle = metric(idle_text, API_CALLS)
         waited_idle = metric(idle_text, API_SECONDS)
@@ -261,6 +275,9 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
         calls_converged = metric(converged_text, API_CALLS)
         passes_converged = metric(converged_text, "argosy_operator_reconciles_total")
         rss_peak, cpu = max(rss_converged, proc_status(pid, "VmHWM")), cpu_seconds(pid) - cpu_idle
+        wall = time.monotonic() - wall_idle
+        components = {name: seconds - components_idle.get(name, 0.0)
+                      for name, seconds in component_cpu(sandbox).items()}
         # One full resync with nothing changing: every object gets a pass; what does it cost?
         time.sleep(args.resync + 2)
         resync_text = scrape(operator.port)
@@ -279,11 +296,16 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
             api_latency_ms=1000 * (metric(converged_text, API_SECONDS) - waited_idle)
             / max(1.0, calls_converged - calls_idle),
             load_before=load_before, load_after=load_average(), services_span=services_span,
+            cpu_by_component={**components, "operator": cpu}, wall=wall,
         )
     finally:
         operator.stop()
-        print(f"  cleaning up namespace {namespace} ...", flush=True)
-        sandbox.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", check=False)
+
+
+def clean_up(sandbox: Sandbox, count: int) -> None:
+    namespace = f"bench-{count}-{os.getpid()}"
+    print(f"  cleaning up namespace {namespace} ...", flush=True)
+    sandbox.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", check=False)
 
 
 def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
@@ -301,6 +323,11 @@ def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
           f"CPU {result.cpu:6.2f} s to converge")
     print(f"  reconcile passes per object {result.passes_converge:5.2f}, busy {result.busy:7.2f} s in all, "
           f"mean API call {result.api_latency_ms:5.0f} ms")
+    # Who used the machine's cores while it converged (the whole machine's share is in the load).
+    shares = ", ".join(f"{name} {seconds:.1f}" for name, seconds in
+                       sorted(result.cpu_by_component.items(), key=lambda kv: -kv[1]))
+    print(f"  CPU seconds over {result.wall:.0f} s to converge ({os.cpu_count()} CPUs = "
+          f"{result.wall * (os.cpu_count() or 1):.0f} CPU s): {shares}")
     print(f"  operator API calls per object: {result.calls_converge:5.2f} to converge, "
           f"{result.calls_resync:5.2f} per resync ({result.passes_resync:.2f} passes per object in "
           f"{args.resync:.0f} s)")
@@ -339,10 +366,14 @@ def main() -> int:
         results = []
         for count in counts:
             print(f"== {count} LLMDeployments ({gpus_needed(count, pools)} of {capacity} GPUs)", flush=True)
-            result = run_one(sandbox, count, args)
+            try:
+                result = run_one(sandbox, count, args)
+                if result is not None:
+                    report(result, args.nodes, args)
+            finally:
+                clean_up(sandbox, count)
             if result is None:
                 return 1
-            report(result, args.nodes, args)
             results.append(result)
         print(json.dumps([r.__dict__ for r in results]))
         return 0 if all(r.ready == r.count for r in results) else 1

@@ -66,6 +66,8 @@ class FakeApi:
             del self.existing[path]
             return httpx2.Response(200, json={})
         if request.method == "POST" and path.endswith("/secrets"):  # the backend key: kept, as a server would
+            if f"{path}/{body['metadata']['name']}" in self.existing:
+                return _status(ApiError(409, "AlreadyExists", "secrets already exists"))
             stored = {**body, "metadata": {**body["metadata"], "uid": "uid-secret", "resourceVersion": "1"}}
             self.existing[f"{path}/{body['metadata']['name']}"] = stored
             return httpx2.Response(201, json=stored)
@@ -123,8 +125,8 @@ async def test_new_object_gets_its_children_applied_and_a_status() -> None:
                                              "/apis/apps/v1/namespaces/ns/deployments/m"]
     # Missing from the cache: the first apply is not forced (it creates, and cannot take over), one call each.
     assert all(c[2] == {"fieldManager": "argosy-operator"} for c in applies)
-    # The backend key: read afresh (none), then created; the pods read it as VLLM_API_KEY.
-    assert [c[1] for c in api.of("GET")] == ["/api/v1/namespaces/ns/secrets/m-backend-key"]
+    # The backend key: created in one call (no read first); the pods read it as VLLM_API_KEY.
+    assert api.of("GET") == []
     ((_, _, _, secret),) = api.of("POST", "/secrets")
     key_id = secret["metadata"]["annotations"]["argosy.dev/backend-key-current"]
     (deployment,) = [c[3] for c in applies if c[1].endswith("/deployments/m")]
@@ -425,3 +427,26 @@ async def test_an_install_without_backend_keys_touches_no_secret_and_starts_pods
     template = _template(api)
     assert "argosy.dev/backend-key-id" not in template["metadata"]["annotations"]
     assert "VLLM_API_KEY" not in {e["name"] for e in template["spec"]["containers"][0].get("env") or ()}
+
+
+async def test_a_backend_key_the_cache_has_not_seen_yet_is_kept_not_replaced() -> None:
+    # A pass right after the one that created the Secret, its cache still without it: the
+    # create is refused (409), the Secret read, and its key used; nothing else is written to it.
+    api, context, secret, key_id = await _keyed_start()
+    api.calls.clear()
+    await reconcile(context, Observation(("ns", "m"), lld(SMALL), NODES))
+    assert [c[0] for c in api.calls if "/secrets" in c[1]] == ["POST", "GET"]
+    assert api.backend_key() == secret
+    assert _template(api)["metadata"]["annotations"]["argosy.dev/backend-key-id"] == key_id
+
+
+async def test_a_backend_key_name_taken_by_another_secret_is_reported_not_taken_over() -> None:
+    taken = {"apiVersion": "v1", "kind": "Secret",
+             "metadata": {"name": "m-backend-key", "namespace": "ns", "uid": "someone", "resourceVersion": "3"},
+             "data": {"token": "eA=="}}
+    api = FakeApi(existing={"/api/v1/namespaces/ns/secrets/m-backend-key": taken})
+    result = await reconcile(ctx(api), Observation(("ns", "m"), lld(SMALL), NODES))
+    assert isinstance(result, Retry) and "not owned by this LLMDeployment" in result.reason
+    assert [c[0] for c in api.calls if "/secrets" in c[1]] == ["POST", "GET"]
+    assert api.backend_key() == taken
+    assert not api.of("PATCH", "/deployments/m")  # no pod may name a key the Secret does not hold
