@@ -1,7 +1,8 @@
 """The autoscaler's I/O: look at the load every few seconds and write the scale subresource.
 
-Each look lists the LLMDeployments and their serving pods (servers and multi-node leaders,
-never workers), reads ``/metrics`` of every ready one and, when configured, of the
+Each look reads the LLMDeployments and their serving pods (servers and multi-node leaders,
+never workers) from the operator's watch caches (no API call; a LIST only when the loop runs
+without them), reads ``/metrics`` of every ready one and, when configured, of the
 gateways (requests held while a model wakes), hands the numbers to the pure
 ``autoscaler.decide`` and carries out its decision:
 
@@ -200,6 +201,11 @@ class _Memory:
     last_scale_time: float | None = None
 
 
+PodsByOwner = Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]
+Snapshot = tuple[Iterable[Mapping[str, Any]], PodsByOwner]
+"""What the operator's watch caches hold: every LLMDeployment, and the pods of each, by (namespace, name)."""
+
+
 class AutoscalingLoop:
     """One task: every interval, one decision per LLMDeployment with spec.autoscaling.enabled."""
 
@@ -211,8 +217,11 @@ class AutoscalingLoop:
         clock: Callable[[], float] = time.time,
         is_leader: Callable[[], bool] = lambda: True,
         client: Any = None,
+        snapshot: Callable[[], Snapshot | None] | None = None,
     ) -> None:
         self.is_leader = is_leader
+        self._snapshot = snapshot
+        """The operator's caches (None from it until they are synced); without it, each look LISTs."""
         """Only the operator replica holding the Lease scales (a standby looks at nothing)."""
         self.settings = settings
         self.loop_settings = loop_settings
@@ -323,19 +332,26 @@ class AutoscalingLoop:
         from lightkube.generic_resource import create_namespaced_resource
 
         resource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
-        deployments = [d for d in await self._list(resource) if ((d.get("spec") or {}).get("autoscaling") or {})
-                       .get("enabled") is True]
+        snapshot = self._snapshot() if self._snapshot is not None else None
+        if self._snapshot is not None and snapshot is None:
+            return  # the caches are not synced yet: deciding on a partial view could scale down
+        everything = snapshot[0] if snapshot is not None else await self._list(resource)
+        deployments = [dict(d) for d in everything
+                       if ((d.get("spec") or {}).get("autoscaling") or {}).get("enabled") is True]
         alive = {_key(d) for d in deployments}
         for key in set(self._memory) - alive:
             del self._memory[key]
         if not deployments:
             return
-        pods_by_owner: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for pod in await self._list(_pods(), SERVING_PODS):
-            metadata = pod.get("metadata") or {}
-            owner = (metadata.get("labels") or {}).get(DEPLOYMENT_LABEL)
-            if owner:
-                pods_by_owner.setdefault((str(metadata.get("namespace")), str(owner)), []).append(pod)
+        if snapshot is not None:
+            pods_by_owner = {key: [dict(p) for p in pods if is_serving(p)] for key, pods in snapshot[1].items()}
+        else:
+            pods_by_owner = {}
+            for pod in await self._list(_pods(), SERVING_PODS):
+                metadata = pod.get("metadata") or {}
+                owner = (metadata.get("labels") or {}).get(DEPLOYMENT_LABEL)
+                if owner:
+                    pods_by_owner.setdefault((str(metadata.get("namespace")), str(owner)), []).append(pod)
         held = await self._held_by_model()
         await asyncio.gather(*(self._decide_one(resource, d, pods_by_owner, held) for d in deployments))
 
@@ -465,6 +481,13 @@ def event_for(body: Mapping[str, Any], decision: autoscaler.Decision, now: float
     )
 
 
+def is_serving(pod: Mapping[str, Any]) -> bool:
+    """A server or a group leader made by the operator (SERVING_PODS' labels): what the autoscaler reads."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return (labels.get("app.kubernetes.io/managed-by") == SERVING_PODS["app.kubernetes.io/managed-by"]
+            and labels.get("argosy.dev/role") in SERVING_PODS["argosy.dev/role"])
+
+
 def _key(body: Mapping[str, Any]) -> str:
     metadata = body["metadata"]
     return f"{metadata['namespace']}/{metadata['name']}/{metadata.get('uid', '')}"
@@ -490,8 +513,10 @@ def parse_selector(selector: str | None) -> dict[str, str] | None:
 
 
 def start_autoscaling(settings: OperatorSettings, registry: CollectorRegistry,
-                      is_leader: Callable[[], bool] = lambda: True, client: Any = None) -> AutoscalingLoop:
+                      is_leader: Callable[[], bool] = lambda: True, client: Any = None,
+                      snapshot: Callable[[], Snapshot | None] | None = None) -> AutoscalingLoop:
     """The operator runtime's one hook: start the loop now; ``await loop.stop()`` on the way out."""
-    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry, is_leader=is_leader, client=client)
+    loop = AutoscalingLoop(settings, LoopSettings.from_env(), registry, is_leader=is_leader, client=client,
+                           snapshot=snapshot)
     loop.start()
     return loop

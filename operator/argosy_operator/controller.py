@@ -153,6 +153,17 @@ class Runtime:
                     "reconciling" if self.leading else "standing by until this replica holds the Lease")
         self._start_work()
 
+    def autoscaling_snapshot(self) -> tuple[list[Any], dict[Any, list[Any]]] | None:
+        """Every LLMDeployment and the pods of each, from the watch caches; None until they are synced.
+
+        The autoscaler reads these each look instead of listing them from the API server.
+        """
+        if not self._synced:
+            return None
+        deployments, pods = self._indexes["argosy_llmdeployments"], self._indexes["argosy_pods"]
+        return ([body for key in list(deployments) for body in deployments.get(key, ())],
+                {key: list(pods.get(key, ())) for key in list(pods)})
+
     def enqueue(self, key: observe.ObjectKey) -> None:
         if self.leading:  # a standby queues nothing: start_leading enqueues every object
             self.queue.add(key)

@@ -80,7 +80,7 @@ async def serve(settings: OperatorSettings) -> int:
     runtime.begin()
     # spec.autoscaling (autoscaling_loop.py); it scales only while this replica leads.
     autoscaling = start_autoscaling(settings, metrics.registry, is_leader=lambda: runtime.leading,
-                                    client=runtime.api.client)
+                                    client=runtime.api.client, snapshot=runtime.autoscaling_snapshot)
     try:
         await kopf.operator(
             registry=registry,

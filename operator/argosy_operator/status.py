@@ -301,11 +301,19 @@ def _is_bad(cond: Mapping[str, Any]) -> bool:
 def transition_events(
     previous: Sequence[Mapping[str, Any]] | None, new: Sequence[Mapping[str, Any]]
 ) -> list[EventSpec]:
-    """Events for conditions that flipped (and for first-time problems) in this pass."""
+    """Events for conditions that flipped (and for first-time problems) in this pass.
+
+    A rollout that ends as the replicas become ready (Progressing to False with Ready to
+    True, as every new object's does) is one fact: only the Ready Event is recorded.
+    """
     old = {c.get("type"): c for c in previous or ()}
+    became_ready = any(c.get("type") == READY and c.get("status") == "True"
+                       and (old.get(READY) or {}).get("status") != "True" for c in new)
     events: list[EventSpec] = []
     for cond in new:
         before = old.get(cond.get("type"))
+        if became_ready and cond.get("type") == PROGRESSING and cond.get("reason") == "RolloutComplete":
+            continue
         flipped = before is not None and before.get("status") != cond.get("status")
         first_time = before is None and (
             (_is_bad(cond) and cond.get("type") != READY)

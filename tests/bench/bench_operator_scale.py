@@ -38,11 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from argosy_operator import backendkey
 from argosy_operator import crd as crdgen
 from argosy_operator.api import LLMDeploymentSpec
 from argosy_operator.builders import LABEL_MANAGED_BY
 from argosy_operator.kubeapi import KubeApi, load_credentials
 from argosy_operator.planner import inventory_from_nodes, plan_for_spec
+from argosy_operator.reconcile import decide
 from argosy_operator.settings import FIELD_MANAGER
 from argosy_sandbox.cluster import Sandbox, free_port
 from argosy_sandbox.pools import GpuSpec, NodePool, node_manifests
@@ -136,10 +138,11 @@ def scrape(port: int) -> str:
         return str(r.read().decode())
 
 
-def service_span(services: list[dict[str, Any]]) -> float:
+def service_span(services: list[dict[str, Any]], managed_only: bool = True) -> float:
     """Seconds from the first to the last of the operator's Services created (1 s resolution)."""
     stamps = [datetime.datetime.fromisoformat(s["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-              for s in services if (s["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) == FIELD_MANAGER]
+              for s in services
+              if not managed_only or (s["metadata"].get("labels") or {}).get(LABEL_MANAGED_BY) == FIELD_MANAGER]
     return (max(stamps) - min(stamps)).total_seconds() if stamps else float("nan")
 
 
@@ -308,6 +311,105 @@ def clean_up(sandbox: Sandbox, count: int) -> None:
     sandbox.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", check=False)
 
 
+def children_without_owner(namespace: str, index: int, nodes: tuple[dict[str, Any], ...],
+                           headless: bool = False) -> list[dict[str, Any]]:
+    """What the operator's first pass writes for object `index` (the backend-key Secret, Service,
+    Deployment: its own builders), minus the owner reference (no LLMDeployment owns them here);
+    `headless`: the Service without a ClusterIP (what the allocation costs)."""
+    body = {**manifest(namespace, index)}
+    body["metadata"] = {**body["metadata"], "uid": f"floor-{index}", "generation": 1}
+    plan = backendkey.plan_keys(True, None, None, frozenset())
+    secret = backendkey.build_secret(body["metadata"]["name"], namespace, "floor", plan)
+    decision = decide(body, nodes, backend_key_id=plan.current)
+    children = [secret, *(dict(d) for d in decision.desired)]
+    for child in children:
+        child["metadata"] = {k: v for k, v in child["metadata"].items() if k != "ownerReferences"}
+        if headless and child["kind"] == "Service":
+            child["spec"] = {**child["spec"], "clusterIP": "None"}
+    return children
+
+
+@dataclass
+class FloorResult:
+    count: int
+    ready: int
+    total: float
+    services_span: float
+    cpu_by_component: dict[str, float]
+    wall: float
+    load_before: str
+    load_after: str
+    headless: bool
+
+
+def run_floor(sandbox: Sandbox, count: int, pools: tuple[NodePool, ...], args: argparse.Namespace) -> FloorResult:
+    """The control plane alone: the operator's first-pass writes for `count` objects, made directly
+    (`--workers` at a time, default 4, each object's Secret, then its Service and Deployment at
+    once, as a pass does), then the time until every Deployment has its pod Ready. No operator
+    runs: this is what the sandbox itself needs for the same objects."""
+    namespace = f"bench-{count}-{os.getpid()}"
+    sandbox.kubectl("create", "namespace", namespace)
+    sandbox.kubectl("label", "namespace", namespace, "sandbox.argosy.dev/vllm=none")
+    nodes = tuple({**n, "status": {**n["status"], "conditions": [{"type": "Ready", "status": "True"}]}}
+                  for n in node_manifests(pools))
+    load_before = load_average()
+    components_idle, wall_idle = component_cpu(sandbox), time.monotonic()
+
+    async def measure() -> tuple[float, int, float]:
+        api = KubeApi(load_credentials(str(sandbox.kubeconfig)), timeout=120)
+        try:
+            start = time.monotonic()
+            gate = asyncio.Semaphore(args.workers or 4)
+
+            async def one(i: int) -> None:
+                secret, *rest = children_without_owner(namespace, i, nodes, args.headless)
+                async with gate:
+                    await api.create(secret)
+                    await asyncio.gather(*(api.apply(child, force=False) for child in rest))
+
+            await asyncio.gather(*(one(i) for i in range(count)))
+            deadline, ready, last = start + args.timeout, 0, time.monotonic()
+            while time.monotonic() < deadline:
+                items = await api.list("apps/v1", "Deployment", namespace)
+                ready = sum(1 for d in items if (d.get("status") or {}).get("readyReplicas") == 1)
+                if ready >= count:
+                    break
+                if time.monotonic() - last >= 10:
+                    print(f"    ... {ready}/{count} Deployments Ready", flush=True)
+                    last = time.monotonic()
+                await asyncio.sleep(args.poll)
+            total = time.monotonic() - start
+            return total, ready, service_span(await api.list("v1", "Service", namespace), managed_only=False)
+        finally:
+            await api.close()
+
+    total, ready, span = asyncio.run(measure())
+    wall = time.monotonic() - wall_idle
+    components = {name: seconds - components_idle.get(name, 0.0) for name, seconds in component_cpu(sandbox).items()}
+    return FloorResult(count=count, ready=ready, total=total, services_span=span, cpu_by_component=components,
+                       wall=wall, load_before=load_before, load_after=load_average(), headless=args.headless)
+
+
+def report_floor(result: FloorResult) -> None:
+    print(f"control-plane floor (no operator): {result.count} objects' Secret, Service"
+          f"{' (headless)' if result.headless else ''} and Deployment written directly, {os.cpu_count()} CPUs, "
+          f"load average {result.load_before} before, {result.load_after} after")
+    print(f"  Deployments Ready          {result.ready}/{result.count}")
+    print(f"  Services created over      {result.services_span:7.0f} s "
+          f"({result.count / max(result.services_span, 1.0):.1f} per second)")
+    print(f"  total (first write -> last Deployment Ready) {result.total:7.2f} s")
+    print_cpu(result.cpu_by_component, result.wall)
+
+
+def print_cpu(cpu_by_component: dict[str, float], wall: float) -> None:
+    # Who used the machine's cores meanwhile (the whole machine's share is in the load).
+    shares = ", ".join(f"{name} {seconds:.1f}" for name, seconds in
+                       sorted(cpu_by_component.items(), key=lambda kv: -kv[1]))
+    print(f"  CPU seconds over {wall:.0f} s ({os.cpu_count()} CPUs = "
+          f"{wall * (os.cpu_count() or 1):.0f} CPU s): {shares}; sandbox total "
+          f"{sum(cpu_by_component.values()):.1f}")
+
+
 def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
     print(f"operator scale benchmark: {result.count} LLMDeployments (1 replica each) on {nodes} simulated "
           f"8-GPU nodes, {os.cpu_count()} CPUs, load average {result.load_before} before, "
@@ -323,11 +425,7 @@ def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
           f"CPU {result.cpu:6.2f} s to converge")
     print(f"  reconcile passes per object {result.passes_converge:5.2f}, busy {result.busy:7.2f} s in all, "
           f"mean API call {result.api_latency_ms:5.0f} ms")
-    # Who used the machine's cores while it converged (the whole machine's share is in the load).
-    shares = ", ".join(f"{name} {seconds:.1f}" for name, seconds in
-                       sorted(result.cpu_by_component.items(), key=lambda kv: -kv[1]))
-    print(f"  CPU seconds over {result.wall:.0f} s to converge ({os.cpu_count()} CPUs = "
-          f"{result.wall * (os.cpu_count() or 1):.0f} CPU s): {shares}")
+    print_cpu(result.cpu_by_component, result.wall)
     print(f"  operator API calls per object: {result.calls_converge:5.2f} to converge, "
           f"{result.calls_resync:5.2f} per resync ({result.passes_resync:.2f} passes per object in "
           f"{args.resync:.0f} s)")
@@ -342,6 +440,10 @@ def main() -> int:
     parser.add_argument("--resync", type=float, default=30.0, help="the operator's resync period")
     parser.add_argument("--workers", type=int, default=None, help="the operator's workers (default: its own)")
     parser.add_argument("--keep-sandbox", action="store_true", help="leave the bench sandbox running")
+    parser.add_argument("--floor", action="store_true",
+                        help="no operator: write the same children directly and time the control plane alone")
+    parser.add_argument("--headless", action="store_true",
+                        help="with --floor: Services without a ClusterIP (to measure what its allocation costs)")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
 
@@ -363,13 +465,18 @@ def main() -> int:
             crd_path.write_text(crdgen.render_manifest())
             sandbox.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_path))
         sandbox.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.argosy.dev", "--timeout=60s")
-        results = []
+        results: list[Result | FloorResult] = []
         for count in counts:
             print(f"== {count} LLMDeployments ({gpus_needed(count, pools)} of {capacity} GPUs)", flush=True)
+            result: Result | FloorResult | None = None
             try:
-                result = run_one(sandbox, count, args)
-                if result is not None:
-                    report(result, args.nodes, args)
+                if args.floor:
+                    result = run_floor(sandbox, count, pools, args)
+                    report_floor(result)
+                else:
+                    result = run_one(sandbox, count, args)
+                    if result is not None:
+                        report(result, args.nodes, args)
             finally:
                 clean_up(sandbox, count)
             if result is None:

@@ -1,12 +1,14 @@
 """The autoscaler loop's reading and writing helpers: real /metrics pages in, API bodies out.
 
-The loop itself runs against the sandbox in tests/e2e/test_autoscaling.py.
+The loop itself runs against the sandbox in tests/e2e/test_autoscaling.py; here one look
+runs on the operator's caches with a recording client.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,8 +19,11 @@ from argosy_gateway.wake import Waker
 from argosy_operator import autoscaler
 from argosy_operator.api import AutoscalingStatus
 from argosy_operator.autoscaling_loop import (
+    AutoscalingLoop,
     LoopSettings,
+    Snapshot,
     event_for,
+    is_serving,
     parse_held,
     parse_selector,
     parse_vllm_metrics,
@@ -26,8 +31,9 @@ from argosy_operator.autoscaling_loop import (
     served_names,
     status_patch,
 )
+from argosy_operator.settings import OperatorSettings
 from argosy_vllm_sim.server import SimConfig, SimServer
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 
 async def test_running_waiting_and_finished_are_read_from_a_vllm_metrics_page() -> None:
@@ -110,3 +116,53 @@ def test_loop_settings_come_from_the_environment_and_bad_ones_fail_at_start() ->
         LoopSettings.from_env({"ARGOSY_OPERATOR_AUTOSCALER_GATEWAY_SELECTOR": "app in (a,b)"})
     with pytest.raises(ValueError, match="must be positive"):
         LoopSettings.from_env({"ARGOSY_OPERATOR_AUTOSCALER_INTERVAL_SECONDS": "0"})
+
+
+class _RecordingClient:
+    """Stands in for the operator's lightkube client: records writes, refuses to LIST."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def patch(self, resource: Any, name: str, body: dict[str, Any], **_: Any) -> None:
+        self.writes.append((resource.__name__, name, body))
+
+    async def create(self, body: Any) -> None:
+        self.writes.append(("Event", "", body.to_dict()))
+
+    def list(self, *_: Any, **__: Any) -> Any:
+        raise AssertionError("the autoscaler listed from the API server although the caches were given")
+
+    async def close(self) -> None:
+        return None
+
+
+def _autoscaled(name: str, enabled: bool) -> dict[str, Any]:
+    return {"apiVersion": "argosy.dev/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": name, "namespace": "ns", "uid": f"u-{name}", "resourceVersion": "7"},
+            "spec": {"model": {"uri": "hf://meta-llama/Llama-3.2-1B-Instruct"}, "replicas": 1,
+                     "autoscaling": {"enabled": enabled, "minReplicas": 2, "maxReplicas": 4}}}
+
+
+async def test_a_look_decides_from_the_operator_caches_without_listing() -> None:
+    client = _RecordingClient()
+    snapshots: list[Snapshot | None] = [None, ([_autoscaled("m", True), _autoscaled("off", False)], {("ns", "m"): []})]
+    loop = AutoscalingLoop(OperatorSettings(), LoopSettings(), CollectorRegistry(), client=client,
+                           snapshot=lambda: snapshots[0])
+    await loop.look()  # caches not synced yet: no decision on a partial view
+    assert client.writes == []
+    snapshots.pop(0)
+    await loop.look()
+    # Only the autoscaled object, raised to its minimum, against the cached resourceVersion;
+    # then its Event and status.autoscaling.
+    assert [w[:2] for w in client.writes] == [("LLMDeploymentScale", "m"), ("Event", ""),
+                                              ("LLMDeploymentStatus", "m")]
+    assert client.writes[0][2] == {"spec": {"replicas": 2}, "metadata": {"resourceVersion": "7"}}
+
+
+def test_only_servers_and_group_leaders_are_read_for_load() -> None:
+    def pod(role: str, managed_by: str = "argosy-operator") -> dict[str, Any]:
+        return {"metadata": {"labels": {"app.kubernetes.io/managed-by": managed_by, "argosy.dev/role": role}}}
+
+    assert [is_serving(p) for p in (pod("server"), pod("leader"), pod("worker"), pod("server", "someone"))] == [
+        True, True, False, False]

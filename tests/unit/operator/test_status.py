@@ -191,6 +191,15 @@ def test_events_on_transitions() -> None:
     assert sorted((e.type, e.reason) for e in events) == [
         ("Normal", "WaitingForReadiness"), ("Warning", "ContainerFailing"), ("Warning", "ReplicasNotReady")]
     assert transition_events(ready["conditions"], compute_status(BASE, ready)["conditions"]) == []
+    # A new object's first pass, then the pass that sees its pods ready: one Event, Ready's (the
+    # rollout completing is the same fact); a later rollout ending while Ready stays True has its own.
+    creating = compute_status(dataclasses.replace(BASE, pods=(), deployment=None), None)
+    assert transition_events(None, creating["conditions"]) == []
+    assert [e.reason for e in transition_events(creating["conditions"], compute_status(BASE, creating)["conditions"])] \
+        == ["ReplicasReady"]
+    rolling = [{**c, "status": "True", "reason": "RollingOut"} if c["type"] == "Progressing" else c
+               for c in ready["conditions"]]
+    assert [e.reason for e in transition_events(rolling, ready["conditions"])] == ["RolloutComplete"]
     impossible = compute_status(dataclasses.replace(
         BASE, placement=None, placement_failure=PlacementFailure("InsufficientGpuMemory", "no")), None)
     assert sorted((e.type, e.reason) for e in transition_events(None, impossible["conditions"])) == [
