@@ -124,6 +124,20 @@ def component_cpu(sandbox: Sandbox) -> dict[str, float]:
     return seconds
 
 
+ALLOCATION = "kube_apiserver_clusterip_allocator_allocation_duration_seconds"
+
+
+def allocator_seconds(sandbox: Sandbox) -> tuple[float, float]:
+    """(ClusterIP allocations so far, seconds they took): the kube-apiserver's own histogram.
+
+    kube-apiserver >= 1.34 allocates a ClusterIP by creating an IPAddress object through its
+    loopback client while holding the allocator's one mutex (ipallocator.MetaAllocator's
+    AllocateNextService), so these seconds are spent one allocation at a time.
+    """
+    text = sandbox.kubectl("get", "--raw", "/metrics").stdout
+    return metric(text, ALLOCATION + "_count"), metric(text, ALLOCATION + "_sum")
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -208,6 +222,8 @@ class Result:
     services_span: float
     cpu_by_component: dict[str, float]
     wall: float
+    allocations: float
+    allocation_seconds: float
 
 
 class OperatorProcess:
@@ -256,6 +272,7 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
         pid = operator.proc.pid
         rss_idle, cpu_idle = proc_status(pid, "VmHWM"), cpu_seconds(pid)
         components_idle, wall_idle = component_cpu(sandbox), time.monotonic()
+        allocated_idle = allocator_seconds(sandbox)
         idle_text = scrape(operator.port)
         calls_idle = metric(idle_text, API_CALLS)
         waited_idle = metric(idle_text, API_SECONDS)
@@ -281,6 +298,7 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
         wall = time.monotonic() - wall_idle
         components = {name: seconds - components_idle.get(name, 0.0)
                       for name, seconds in component_cpu(sandbox).items()}
+        allocated = allocator_seconds(sandbox)
         # One full resync with nothing changing: every object gets a pass; what does it cost?
         time.sleep(args.resync + 2)
         resync_text = scrape(operator.port)
@@ -300,6 +318,7 @@ def run_one(sandbox: Sandbox, count: int, args: argparse.Namespace) -> Result | 
             / max(1.0, calls_converged - calls_idle),
             load_before=load_before, load_after=load_average(), services_span=services_span,
             cpu_by_component={**components, "operator": cpu}, wall=wall,
+            allocations=allocated[0] - allocated_idle[0], allocation_seconds=allocated[1] - allocated_idle[1],
         )
     finally:
         operator.stop()
@@ -340,6 +359,8 @@ class FloorResult:
     load_before: str
     load_after: str
     headless: bool
+    allocations: float
+    allocation_seconds: float
 
 
 def run_floor(sandbox: Sandbox, count: int, pools: tuple[NodePool, ...], args: argparse.Namespace) -> FloorResult:
@@ -354,6 +375,7 @@ def run_floor(sandbox: Sandbox, count: int, pools: tuple[NodePool, ...], args: a
                   for n in node_manifests(pools))
     load_before = load_average()
     components_idle, wall_idle = component_cpu(sandbox), time.monotonic()
+    allocated_idle = allocator_seconds(sandbox)
 
     async def measure() -> tuple[float, int, float]:
         api = KubeApi(load_credentials(str(sandbox.kubeconfig)), timeout=120)
@@ -386,8 +408,11 @@ def run_floor(sandbox: Sandbox, count: int, pools: tuple[NodePool, ...], args: a
     total, ready, span = asyncio.run(measure())
     wall = time.monotonic() - wall_idle
     components = {name: seconds - components_idle.get(name, 0.0) for name, seconds in component_cpu(sandbox).items()}
+    allocated = allocator_seconds(sandbox)
     return FloorResult(count=count, ready=ready, total=total, services_span=span, cpu_by_component=components,
-                       wall=wall, load_before=load_before, load_after=load_average(), headless=args.headless)
+                       wall=wall, load_before=load_before, load_after=load_average(), headless=args.headless,
+                       allocations=allocated[0] - allocated_idle[0],
+                       allocation_seconds=allocated[1] - allocated_idle[1])
 
 
 def report_floor(result: FloorResult) -> None:
@@ -398,7 +423,13 @@ def report_floor(result: FloorResult) -> None:
     print(f"  Services created over      {result.services_span:7.0f} s "
           f"({result.count / max(result.services_span, 1.0):.1f} per second)")
     print(f"  total (first write -> last Deployment Ready) {result.total:7.2f} s")
+    print_allocations(result.allocations, result.allocation_seconds)
     print_cpu(result.cpu_by_component, result.wall)
+
+
+def print_allocations(count: float, seconds: float) -> None:
+    print(f"  ClusterIP allocations      {count:5.0f}, {seconds:6.1f} s in all, one at a time "
+          f"(mean {1000 * seconds / max(count, 1.0):4.0f} ms)")
 
 
 def print_cpu(cpu_by_component: dict[str, float], wall: float) -> None:
@@ -420,6 +451,7 @@ def report(result: Result, nodes: int, args: argparse.Namespace) -> None:
     print(f"  Services created over      {result.services_span:7.0f} s "
           f"({result.count / max(result.services_span, 1.0):.1f} per second)")
     print(f"  total (first create -> last Ready) {result.total:7.2f} s")
+    print_allocations(result.allocations, result.allocation_seconds)
     print(f"  per object  p50 {result.p50:6.2f} s   p99 {result.p99:6.2f} s   (poll every {args.poll} s)")
     print(f"  operator RSS idle {result.rss_idle:6.1f} MiB, peak {result.rss_peak:6.1f} MiB; "
           f"CPU {result.cpu:6.2f} s to converge")
