@@ -21,6 +21,7 @@ from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
+from argosy_gateway.server import SPLICE_EXTENSION
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
@@ -29,6 +30,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+Splice = Callable[[Any], Any]  # server.py's argosy.splice: takes a listener, gives a transport or None
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +103,31 @@ _WATCH_AFTER_SECONDS = 0.05
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("_receive", "_task", "_timer", "disconnected", "watcher")
+    __slots__ = ("_receive", "_timer", "disconnected", "splice", "task", "watcher")
 
-    def __init__(self) -> None:
+    def __init__(self, task: asyncio.Task[Any], splice: Splice | None) -> None:
+        self.task = task
+        self.splice = splice  # the server's argosy.splice extension, when it offers one
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._receive: Receive | None = None
-        self._task: asyncio.Task[Any] | None = None
 
-    def watch_soon(self, loop: asyncio.AbstractEventLoop, receive: Receive, task: asyncio.Task[Any]) -> None:
+    def watch_soon(self, loop: asyncio.AbstractEventLoop, receive: Receive) -> None:
         """Start watching for a disconnect unless the exchange is over within _WATCH_AFTER_SECONDS."""
-        self._receive, self._task = receive, task
+        self._receive = receive
         self._timer = loop.call_later(_WATCH_AFTER_SECONDS, self._watch)
 
     def _watch(self) -> None:
         self._timer = None
-        assert self._receive is not None and self._task is not None
-        self.watcher = asyncio.ensure_future(_watch_disconnect(self._receive, self, self._task))
+        assert self._receive is not None
+        self.watcher = asyncio.ensure_future(_watch_disconnect(self._receive, self))
+
+    def client_gone(self) -> None:
+        """The client disconnected: the request's task ends with a 499 (once, whoever saw it first)."""
+        if not self.disconnected:
+            self.disconnected = True
+            self.task.cancel()
 
     def stop_watching(self) -> None:
         if self._timer is not None:
@@ -129,13 +138,63 @@ class _Exchange:
             self.watcher = None
 
 
-async def _watch_disconnect(receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            exchange.disconnected = True
-            task.cancel()
+            exchange.client_gone()
             return
+
+
+class _Sink:
+    """The rest of an upstream stream, written to the client's transport from the upstream's callback.
+
+    Per chunk: one frame, one write, the time for the silence watchdog and the last two chunks
+    for the usage metric. Flow control both ways: a client whose buffer is full pauses the
+    reading from the model server; a client that goes away closes the upstream connection
+    and ends the request (499), as the disconnect watcher would.
+    """
+
+    __slots__ = ("_exchange", "_response", "_time", "_watchdog", "last", "previous", "write")
+
+    def __init__(
+        self,
+        exchange: _Exchange,
+        response: UpstreamResponse,
+        watchdog: _SilenceWatchdog,
+        loop: asyncio.AbstractEventLoop,
+        last: bytes,
+    ) -> None:
+        self._exchange = exchange
+        self._response = response
+        self._watchdog = watchdog
+        self._time = loop.time
+        self.previous = b""
+        self.last = last
+        self.write: Callable[[bytes], object] = _no_write
+
+    def on_body(self, chunk: bytes) -> None:
+        self.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        self.previous, self.last = self.last, chunk
+        self._watchdog.last_activity = self._time()
+
+    def client_paused(self) -> None:
+        self._watchdog.sending = True  # a slow client is not a silent server
+        self._response.pause_reading()
+
+    def client_resumed(self) -> None:
+        watchdog = self._watchdog
+        watchdog.sending = False
+        watchdog.last_activity = self._time()
+        self._response.resume_reading()
+
+    def client_lost(self) -> None:
+        self._response.close()  # at once: nothing more is read or written
+        self._exchange.client_gone()
+
+
+def _no_write(data: bytes) -> None:
+    raise AssertionError("a chunk arrived before the splice was set up")
 
 
 async def send_error(send: Send, error: GatewayError) -> None:
@@ -170,9 +229,10 @@ class ProxyEndpoint:
         started = perf_counter()
         model_label = UNKNOWN_MODEL
         status = 500
-        exchange = _Exchange()
         task = asyncio.current_task()
         assert task is not None
+        extensions = scope.get("extensions")
+        exchange = _Exchange(task, extensions.get(SPLICE_EXTENSION) if extensions else None)
         try:
             try:
                 content_length = -1
@@ -206,7 +266,7 @@ class ProxyEndpoint:
                 model_label = route.name
                 runtime.admit(key, route.name)
                 # The task's loop, not a second lookup (each one is a getpid system call in 3.11).
-                exchange.watch_soon(task.get_loop(), receive, task)
+                exchange.watch_soon(task.get_loop(), receive)
                 if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
                     route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
@@ -370,43 +430,27 @@ class ProxyEndpoint:
 
             response_headers.append((b"cache-control", b"no-cache"))
             await send({"type": "http.response.start", "status": status, "headers": response_headers})
-            previous = b""
-            last = first
             if first:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
                 runtime.metrics.first_byte(model, perf_counter() - started)
             chunk_timeout = settings.chunk_timeout_seconds
             loop = asyncio.get_running_loop()
             watchdog = _SilenceWatchdog(loop, chunk_timeout, response)
-            read_chunk = response.read_chunk
-            # One message dict for every event: the server reads it before send() returns.
-            event: Message = {"type": "http.response.body", "body": b"", "more_body": True}
             try:
-                while True:
-                    try:
-                        chunk = await read_chunk()
-                    except _StreamSilent:
-                        self._failure(model, endpoint, "timeout")
-                        message = f"The model server sent nothing for {chunk_timeout:g} s; the stream was cut."
-                        break_with = errors.sse_error_event(message, "upstream_error", "upstream_timeout")
-                        break
-                    except UpstreamError as exc:
-                        self._failure(model, endpoint, exc.reason)
-                        message = f"The model server failed during the stream: {exc}."
-                        break_with = errors.sse_error_event(message)
-                        break
-                    if not chunk:
-                        clean = True
-                        break_with = b""
-                        break
-                    if not last:
-                        runtime.metrics.first_byte(model, perf_counter() - started)
-                    previous, last = last, chunk
-                    watchdog.sending = True
-                    event["body"] = chunk
-                    await send(event)
-                    watchdog.sending = False
-                    watchdog.last_activity = loop.time()
+                try:
+                    if first and exchange.splice is not None:
+                        clean, previous, last = await _splice(send, exchange, response, watchdog, loop, first)
+                    else:
+                        clean, previous, last = await _relay(send, response, watchdog, loop, first)
+                    break_with = b""
+                except _StreamSilent:
+                    self._failure(model, endpoint, "timeout")
+                    message = f"The model server sent nothing for {chunk_timeout:g} s; the stream was cut."
+                    break_with = errors.sse_error_event(message, "upstream_error", "upstream_timeout")
+                except UpstreamError as exc:
+                    self._failure(model, endpoint, exc.reason)
+                    message = f"The model server failed during the stream: {exc}."
+                    break_with = errors.sse_error_event(message)
             finally:
                 watchdog.cancel()
             exchange.stop_watching()
@@ -436,6 +480,53 @@ class ProxyEndpoint:
                 self._addresses.clear()
             address = self._addresses[endpoint] = endpoint_address(endpoint).encode()
         return address
+
+
+async def _relay(
+    send: Send, response: UpstreamResponse, watchdog: _SilenceWatchdog, loop: asyncio.AbstractEventLoop, first: bytes
+) -> tuple[bool, bytes, bytes]:
+    """The rest of a stream through ASGI ``send``: (ended cleanly, the last two chunks)."""
+    previous, last = b"", first
+    read_chunk = response.read_chunk
+    # One message dict for every event: the server reads it before send() returns.
+    event: Message = {"type": "http.response.body", "body": b"", "more_body": True}
+    while True:
+        chunk = await read_chunk()
+        if not chunk:
+            return True, previous, last
+        previous, last = last, chunk
+        watchdog.sending = True
+        event["body"] = chunk
+        await send(event)
+        watchdog.sending = False
+        watchdog.last_activity = loop.time()
+
+
+async def _splice(
+    send: Send,
+    exchange: _Exchange,
+    response: UpstreamResponse,
+    watchdog: _SilenceWatchdog,
+    loop: asyncio.AbstractEventLoop,
+    first: bytes,
+) -> tuple[bool, bytes, bytes]:
+    """The rest of a stream spliced from the upstream connection to the client's transport."""
+    splice = exchange.splice
+    assert splice is not None
+    sink = _Sink(exchange, response, watchdog, loop, first)
+    transport = splice(sink)
+    if transport is None:  # the server cannot splice this response: stay on ASGI
+        return await _relay(send, response, watchdog, loop, first)
+    try:
+        sink.write = transport.write
+        paused = watchdog.sending  # the client was already slow (splice told the sink)
+        done = response.splice(sink.on_body)
+        if paused:
+            response.pause_reading()
+        await done
+    finally:
+        splice(None)
+    return True, sink.previous, sink.last
 
 
 async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple[int, Headers, bytes] | None:

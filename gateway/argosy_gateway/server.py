@@ -10,6 +10,14 @@ is written: the head is held until the first body message and goes out in the sa
 the application awaits something between the two, the head is written at the end of the
 current event-loop iteration, so a client never waits for it.
 
+It also offers the application a way out of ASGI for the rest of a chunked response body,
+the scope extension ``argosy.splice`` (``SPLICE_EXTENSION``): a callable that takes a
+``SpliceListener`` and returns the client's transport (or None: keep using ``send``). The
+application then writes already-framed chunks to the transport itself, and the listener hears
+when the client's socket buffer fills and drains and when the client goes away; calling it with
+None hands the response back to ``send``, whose last message ends it as usual. The proxy uses it
+to pass a model server's stream on without a coroutine and a task wake-up per chunk.
+
 Selected with ``uvicorn.run(..., http=HTTP_PROTOCOL)`` (cli.py and the tests' harness);
 tests/unit/gateway/test_server_protocol.py is its conformance suite. uvicorn is pinned in
 images/constraints.txt, and that suite runs against the pinned version.
@@ -18,7 +26,7 @@ images/constraints.txt, and that suite runs against the pinned version.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -32,23 +40,83 @@ from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 _NO_BODY_STATUSES = (204, 304)
 HTTP_PROTOCOL = "argosy_gateway.server:GatewayHttpProtocol"
 """uvicorn's ``http`` setting that selects this protocol."""
+SPLICE_EXTENSION = "argosy.splice"
+
+
+class SpliceListener(Protocol):
+    """What the protocol tells the application that writes a spliced body itself."""
+
+    def client_paused(self) -> None:
+        """The client's socket buffer is full: stop producing."""
+
+    def client_resumed(self) -> None:
+        """It drained below the low-water mark again."""
+
+    def client_lost(self) -> None:
+        """The client's connection is gone."""
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's ``HttpToolsProtocol`` whose request cycles write each answer's head with its body."""
 
+    splice: SpliceListener | None = None  # the current cycle's, while its body is spliced
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Every cycle (pipelined ones too) starts here, before its task first runs.
         cycle.__class__ = _CoalescingCycle
         cycle.loop = self.loop  # type: ignore[attr-defined]
+        cycle.protocol = self  # type: ignore[attr-defined]
+        cycle.scope["extensions"] = {SPLICE_EXTENSION: cycle.splice}  # type: ignore[attr-defined]
         super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.splice is not None:
+            self.splice.client_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.splice is not None:
+            self.splice.client_resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        splice, self.splice = self.splice, None
+        super().connection_lost(exc)
+        if splice is not None:
+            splice.client_lost()
 
 
 class _CoalescingCycle(RequestResponseCycle):
     """A request cycle whose ``send`` holds the response head for the first body write."""
 
     loop: asyncio.AbstractEventLoop
+    protocol: GatewayHttpProtocol
     _held = b""  # the response head, not written yet
+
+    def splice(self, listener: SpliceListener | None) -> asyncio.Transport | None:
+        """The ``argosy.splice`` extension: the transport for the rest of a chunked body, or None.
+
+        Only once the response started with chunked framing (not for HEAD, not after the
+        response completed or the client left). The caller writes ``b"%x\\r\\n%b\\r\\n"`` frames
+        of non-empty chunks to it; ``splice(None)`` ends that, and the next ``send`` goes on.
+        """
+        protocol = self.protocol
+        if listener is None:
+            protocol.splice = None
+            return None
+        if (
+            not self.response_started
+            or self.response_complete
+            or self.disconnected
+            or not self.chunked_encoding
+            or self.scope["method"] == "HEAD"
+        ):
+            return None
+        self._flush_head()
+        protocol.splice = listener
+        if self.flow.write_paused:
+            listener.client_paused()
+        return self.transport
 
     async def send(self, message: Any) -> None:  # the ASGI send callable
         if self.flow.write_paused and not self.disconnected:

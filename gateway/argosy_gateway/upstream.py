@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -67,6 +67,18 @@ class UpstreamResponse(Protocol):
 
     async def read_chunk(self) -> bytes:
         """Whatever body bytes are available (waiting for some); b"" at the end."""
+
+    def splice(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand the rest of the body to ``sink`` as it arrives (no reads any more).
+
+        Bytes already received go to ``sink`` at once, and reading resumes. The future
+        resolves at the end of the body, or fails as a read would (``fail`` included).
+        """
+
+    def pause_reading(self) -> None:
+        """Stop reading from the model server (the spliced body's reader is slow)."""
+
+    def resume_reading(self) -> None: ...
 
     def fail(self, exc: BaseException) -> None:
         """Make the pending (or next) read raise ``exc``."""
@@ -119,6 +131,7 @@ class _Connection(asyncio.Protocol):
         "_headers_future",
         "_parser",
         "_paused",
+        "_sink",
         "_timer",
         "_until_close",
         "_waiter",
@@ -144,6 +157,7 @@ class _Connection(asyncio.Protocol):
         self._body: deque[bytes] = deque()
         self._body_size = 0
         self._paused = False
+        self._sink: Callable[[bytes], None] | None = None
         self._exception: BaseException | None = None
         self._done = False
         self._headers_done = False
@@ -217,6 +231,10 @@ class _Connection(asyncio.Protocol):
             future.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:  # spliced: straight on, nothing kept, nobody woken
+            sink(body)
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -240,6 +258,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, timeout: float | None) -> asyncio.Future[None]:
         """Write one request; the future resolves when its response headers arrived."""
         self._parser = httptools.HttpResponseParser(self)
+        self._sink = None
         self._body.clear()
         self._body_size = 0
         self._exception = None
@@ -278,6 +297,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._sink = None  # a failed splice writes nothing more
         self._exception = exc
         for future in (self._headers_future, self._waiter):
             if future is not None and not future.done():
@@ -331,6 +351,33 @@ class _Connection(asyncio.Protocol):
         self._body_size = 0
         return data
 
+    def splice(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        done = self.loop.create_future()
+        if self._exception is not None:
+            done.set_exception(self._exception)
+            return done
+        body = self._body
+        if body:
+            chunk = body.popleft() if len(body) == 1 else b"".join(body)
+            body.clear()
+            self._body_size = 0
+            sink(chunk)
+        if self._done:
+            done.set_result(None)
+            return done
+        self._sink = sink
+        self._waiter = done  # _finish and _set_exception resolve it like a read's waiter
+        self._resume()
+        return done
+
+    def pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._resume()
+
     def fail(self, exc: BaseException) -> None:
         self._set_exception(exc)
 
@@ -343,6 +390,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._sink = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -103,7 +103,7 @@ def write_routes(path: Path, models: dict[str, Sequence[str]], policies: dict[st
 class RunningGateway:
     """``create_app(settings)`` served by uvicorn (the gateway's protocol) on a free 127.0.0.1 port."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, http: str = HTTP_PROTOCOL) -> None:
         self.settings = settings
         self.app = create_app(settings)
         self.port = free_port()
@@ -111,7 +111,7 @@ class RunningGateway:
             self.app,
             host="127.0.0.1",
             port=self.port,
-            http=HTTP_PROTOCOL,  # the protocol the CLI serves with
+            http=http,  # by default the protocol the CLI serves with
             lifespan="on",
             log_level="warning",
             access_log=False,
