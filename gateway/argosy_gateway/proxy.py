@@ -16,12 +16,13 @@ from time import monotonic, perf_counter
 from typing import Any
 
 from argosy_gateway import errors
+from argosy_gateway.deadlines import Deadline, FixedDelay
 from argosy_gateway.errors import GatewayError
 from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
-from argosy_gateway.server import SPLICE_EXTENSION
+from argosy_gateway.server import BODY_NEXT, SPLICE_EXTENSION
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
@@ -94,10 +95,11 @@ class _SilenceWatchdog:
         self._handle.cancel()
 
 
-# A request still waiting for its upstream after this long gets a task that watches for
-# the client going away. Most short requests are answered sooner, and then cost one timer
-# instead of a task (created, woken, cancelled) per request.
+# A request still waiting for its upstream after this long (up to _WATCH_RESOLUTION more)
+# gets a task that watches for the client going away. Most short requests are answered
+# sooner, and then cost a shared deadline instead of a task (created, woken, cancelled).
 _WATCH_AFTER_SECONDS = 0.05
+_WATCH_RESOLUTION = 0.01
 
 
 class _Exchange:
@@ -110,13 +112,13 @@ class _Exchange:
         self.splice = splice  # the server's argosy.splice extension, when it offers one
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Deadline | None = None
         self._receive: Receive | None = None
 
-    def watch_soon(self, loop: asyncio.AbstractEventLoop, receive: Receive) -> None:
-        """Start watching for a disconnect unless the exchange is over within _WATCH_AFTER_SECONDS."""
+    def watch_soon(self, timers: FixedDelay, receive: Receive) -> None:
+        """Start watching for a disconnect unless the exchange is over within ``timers.delay``."""
         self._receive = receive
-        self._timer = loop.call_later(_WATCH_AFTER_SECONDS, self._watch)
+        self._timer = timers.call_later(self._watch)
 
     def _watch(self) -> None:
         self._timer = None
@@ -199,7 +201,9 @@ def _no_write(data: bytes) -> None:
 
 async def send_error(send: Send, error: GatewayError) -> None:
     body = error.body()
-    await send({"type": "http.response.start", "status": error.status, "headers": error.headers(len(body))})
+    await send(
+        {"type": "http.response.start", "status": error.status, "headers": error.headers(len(body)), BODY_NEXT: True}
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -223,6 +227,7 @@ class ProxyEndpoint:
         self.path = path
         self.on_answer = on_answer
         self._addresses: dict[str, bytes] = {}
+        self._watch_timers: FixedDelay | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.runtime
@@ -265,8 +270,11 @@ class ProxyEndpoint:
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
                 runtime.admit(key, route.name)
-                # The task's loop, not a second lookup (each one is a getpid system call in 3.11).
-                exchange.watch_soon(task.get_loop(), receive)
+                timers = self._watch_timers
+                if timers is None:
+                    # The task's loop, not a lookup (each one is a getpid system call in 3.11).
+                    timers = self._watch_timers = FixedDelay(task.get_loop(), _WATCH_AFTER_SECONDS, _WATCH_RESOLUTION)
+                exchange.watch_soon(timers, receive)
                 if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
                     route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
@@ -420,7 +428,9 @@ class ProxyEndpoint:
             if not is_stream:
                 response_headers.append((b"content-length", str(len(first)).encode()))
                 exchange.stop_watching()
-                await send({"type": "http.response.start", "status": status, "headers": response_headers})
+                await send(
+                    {"type": "http.response.start", "status": status, "headers": response_headers, BODY_NEXT: True}
+                )
                 await send({"type": "http.response.body", "body": first})
                 runtime.metrics.first_byte(model, perf_counter() - started)
                 if status == 200:
@@ -548,7 +558,7 @@ async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple
 
 async def _send_answer(send: Send, exchange: _Exchange, status: int, headers: Headers, body: bytes) -> int:
     exchange.stop_watching()
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers, BODY_NEXT: True})
     await send({"type": "http.response.body", "body": body})
     return status
 

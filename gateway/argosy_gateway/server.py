@@ -41,6 +41,10 @@ _NO_BODY_STATUSES = (204, 304)
 HTTP_PROTOCOL = "argosy_gateway.server:GatewayHttpProtocol"
 """uvicorn's ``http`` setting that selects this protocol."""
 SPLICE_EXTENSION = "argosy.splice"
+BODY_NEXT = "argosy.body_next"
+"""A key an application may set on ``http.response.start`` when its next step is the body's
+``send`` (no await between them): the head then waits for that write, and no flush of it is
+scheduled. Other servers ignore the key."""
 
 
 class SpliceListener(Protocol):
@@ -56,10 +60,40 @@ class SpliceListener(Protocol):
         """The client's connection is gone."""
 
 
+_default_cache: tuple[object, bytes] = (None, b"")
+
+
+def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The server's own headers (the date, --header ones), checked and joined once per list.
+
+    uvicorn replaces the list when the date changes, so the lines are rebuilt once a second,
+    not per response. Framing headers (length, chunked, connection) are refused here, as
+    uvicorn's own configuration cannot sensibly set them for every response.
+    """
+    global _default_cache
+    cached, lines = _default_cache
+    if cached is default_headers:
+        return lines
+    parts = []
+    for raw_name, value in default_headers:
+        name = raw_name.lower()
+        if HEADER_RE.search(raw_name) or HEADER_VALUE_RE.search(value):
+            raise RuntimeError("Invalid HTTP header in the server's default headers.")
+        if name in (b"content-length", b"transfer-encoding", b"connection"):
+            raise RuntimeError(f"The server's default headers cannot set {name.decode()}.")
+        parts.append(b"%b: %b\r\n" % (name, value))
+    lines = b"".join(parts)
+    _default_cache = (default_headers, lines)
+    return lines
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's ``HttpToolsProtocol`` whose request cycles write each answer's head with its body."""
 
     splice: SpliceListener | None = None  # the current cycle's, while its body is spliced
+    _idle_since = 0.0
+    _idle_cycle: object = None  # the cycle whose end started the idle time
+    _keep_alive_timer: asyncio.TimerHandle | None = None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Every cycle (pipelined ones too) starts here, before its task first runs.
@@ -81,9 +115,41 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         splice, self.splice = self.splice, None
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         super().connection_lost(exc)
         if splice is not None:
             splice.client_lost()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but one keep-alive timer per connection instead of one per request:
+        # uvicorn arms a timer after every answer and cancels it when the next request's
+        # bytes arrive. Here the timer stays armed and, when it fires, closes the connection
+        # only if it is still idle since the same answer, or waits for the rest of the time.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        self._idle_cycle = self.cycle
+        if self._keep_alive_timer is None:
+            self._keep_alive_timer = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_check)
+
+    def _keep_alive_check(self) -> None:
+        self._keep_alive_timer = None
+        if self.transport.is_closing() or self.cycle is not self._idle_cycle:
+            return  # closed, or busy with a later request (whose end arms the timer again)
+        remaining = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if remaining > 0:
+            self._keep_alive_timer = self.loop.call_later(remaining, self._keep_alive_check)
+        else:
+            self.timeout_keep_alive_handler()
 
 
 class _CoalescingCycle(RequestResponseCycle):
@@ -130,7 +196,8 @@ class _CoalescingCycle(RequestResponseCycle):
             self.response_started = True
             self.waiting_for_100_continue = False
             self._held = self._head(message["status"], message.get("headers", ()))
-            self.loop.call_soon(self._flush_head)
+            if not message.get(BODY_NEXT):
+                self.loop.call_soon(self._flush_head)
             return
         if self.response_complete:
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
@@ -181,27 +248,26 @@ class _CoalescingCycle(RequestResponseCycle):
                 self.scope["http_version"],
                 status,
             )
-        parts = [STATUS_LINE[status]]
+        parts = [STATUS_LINE[status], _default_lines(self.default_headers)]
         close_sent = False
-        for pairs in (self.default_headers, headers):
-            for raw_name, value in pairs:
-                if HEADER_RE.search(raw_name):
-                    raise RuntimeError("Invalid HTTP header name.")
-                if HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP header value.")
-                name = raw_name.lower()
-                if name == b"content-length":
-                    if self.chunked_encoding is None:
-                        self.expected_content_length = int(value)
-                        self.chunked_encoding = False
-                elif name == b"transfer-encoding":
-                    if value.lower() == b"chunked":
-                        self.expected_content_length = 0
-                        self.chunked_encoding = True
-                elif name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
-                    self.keep_alive = False
-                    close_sent = True
-                parts.append(b"%b: %b\r\n" % (name, value))
+        for raw_name, value in headers:
+            if HEADER_RE.search(raw_name):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            name = raw_name.lower()
+            if name == b"content-length":
+                if self.chunked_encoding is None:
+                    self.expected_content_length = int(value)
+                    self.chunked_encoding = False
+            elif name == b"transfer-encoding":
+                if value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+            elif name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+                self.keep_alive = False
+                close_sent = True
+            parts.append(b"%b: %b\r\n" % (name, value))
         if not self.keep_alive and not close_sent:
             parts.append(b"connection: close\r\n")
         if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in _NO_BODY_STATUSES:

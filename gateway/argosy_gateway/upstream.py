@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from argosy_gateway.deadlines import Deadline, FixedDelay
 from argosy_gateway.settings import GatewaySettings
 
 MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one response
@@ -151,7 +152,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | Deadline | None = None
         self._headers_future: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._body: deque[bytes] = deque()
@@ -255,8 +256,13 @@ class _Connection(asyncio.Protocol):
 
     # -- the request --------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes, timeout: float | None) -> asyncio.Future[None]:
-        """Write one request; the future resolves when its response headers arrived."""
+    def send(
+        self, head: bytes, body: bytes, timeout: float | None, timers: FixedDelay | None = None
+    ) -> asyncio.Future[None]:
+        """Write one request; the future resolves when its response headers arrived.
+
+        ``timers``, when given, keeps the first-byte deadline (its delay is ``timeout``).
+        """
         self._parser = httptools.HttpResponseParser(self)
         self._sink = None
         self._body.clear()
@@ -267,7 +273,9 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self.status = 0
         future = self._headers_future = self.loop.create_future()
-        if timeout is not None:
+        if timers is not None:
+            self._timer = timers.call_later(self._first_byte_overdue)
+        elif timeout is not None:
             self._timer = self.loop.call_later(max(0.0, timeout), self._first_byte_overdue)
         transport = self.transport
         assert transport is not None
@@ -523,6 +531,16 @@ class PooledUpstream:
         self._open = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._ssl: ssl.SSLContext | None = None
+        self._first_byte: dict[float, FixedDelay] = {}  # by timeout: the deadlines of reused connections
+
+    def _first_byte_timers(self, timeout: float | None) -> FixedDelay | None:
+        """The shared deadlines for ``timeout`` (a setting: a few values at most), or None."""
+        if timeout is None:
+            return None
+        timers = self._first_byte.get(timeout)
+        if timers is None and len(self._first_byte) < 4:
+            timers = self._first_byte[timeout] = FixedDelay(self.loop, timeout, min(0.1, timeout / 4))
+        return timers
 
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -600,10 +618,13 @@ class PooledUpstream:
             started = self.loop.time()
             async with asyncio.timeout(first_byte_timeout):
                 connection = await self._acquire(pool)
+            timers = None
             if first_byte_timeout is not None:
                 first_byte_timeout -= self.loop.time() - started
+        else:
+            timers = self._first_byte_timers(first_byte_timeout)
         try:
-            await connection.send(head, body, first_byte_timeout)
+            await connection.send(head, body, first_byte_timeout, timers)
         except BaseException:
             connection.close()
             raise
@@ -611,6 +632,8 @@ class PooledUpstream:
 
     async def close(self) -> None:
         self.closing = True
+        for timers in self._first_byte.values():
+            timers.close()
         for pool in self._pools.values():
             for connection in list(pool.idle):
                 connection.close()

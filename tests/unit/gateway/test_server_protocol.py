@@ -21,9 +21,11 @@ App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def serving(app: App) -> AsyncIterator[int]:
+async def serving(app: App, **options: Any) -> AsyncIterator[int]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, lifespan="off", log_level="critical")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, lifespan="off", log_level="critical", **options
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -208,3 +210,26 @@ async def test_an_invalid_header_from_the_app_is_refused() -> None:
         # The connection is dropped (as uvicorn does): nothing of the injected header reaches the client.
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keep_alive_time_and_a_busy_one_is_not() -> None:
+    """One keep-alive timer per connection: idle time counts from the last answer."""
+    async with serving(echo, timeout_keep_alive=1) as port:
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        idle_writer.write(request(body=b"idle"))
+        assert (await read_response(idle_reader))[2] == b"POST /:idle"
+        answered = loop.time()
+        for index in range(4):  # 2.4 s of requests 0.6 s apart: never idle for 1 s
+            busy_writer.write(request(body=b"%d" % index))
+            assert (await read_response(busy_reader))[2] == b"POST /:%d" % index
+            await asyncio.sleep(0.6)
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed long since
+        busy_writer.write(request(body=b"still"))
+        assert (await read_response(busy_reader))[2] == b"POST /:still"
+        assert loop.time() - answered > 2.0
+        busy_reader2 = await asyncio.wait_for(busy_reader.read(), 3)  # and it closes once idle
+        assert busy_reader2 == b""
+        busy_writer.close()
+        idle_writer.close()

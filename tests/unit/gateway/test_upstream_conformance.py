@@ -419,3 +419,28 @@ async def test_first_byte_timeout_covers_the_headers_and_the_first_body_bytes_on
         assert await reply.read_chunk() == b"last"
         assert await reply.read_chunk() == b""
         reply.release()
+
+
+async def test_first_byte_timeout_holds_on_a_reused_connection_and_not_after_the_answer() -> None:
+    """A reused connection's deadline is a shared one (deadlines.py): it must fire, and only once due."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(response(b"one"))
+        await peer.request()
+        await peer.send(response(b"two"))
+        await peer.request()
+        await peer.reader.read()  # the third request is never answered
+
+    async with ScriptedServer(handler) as server, client() as upstream:
+        loop = asyncio.get_running_loop()
+        for expected in (b"one", b"two"):
+            reply = await upstream.post(server.url, "/v1/completions", b"{}", JSON, 0.2)
+            assert await reply.read() == expected
+            reply.release()
+            await asyncio.sleep(0.3)  # past the deadline of the answered request: nothing fires
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await upstream.post(server.url, "/v1/completions", b"{}", JSON, 0.2)
+        assert 0.15 < loop.time() - started < 1.0
+        assert server.connections == 1  # all three went over the one reused connection
