@@ -43,6 +43,14 @@ def event(index: int) -> bytes:
     return b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "t%d"}}]}\n\n' % index
 
 
+async def start_stream(writer: asyncio.StreamWriter, first: bytes = event(0), pause: float = 0.1) -> None:
+    """The response head with the first event in one write, then a pause: past the first read,
+    so what follows goes through the splice."""
+    writer.write(STREAM_HEAD + chunk(first))
+    await writer.drain()
+    await asyncio.sleep(pause)
+
+
 USAGE_EVENT = b'data: {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 40}}\n\n'
 
 
@@ -125,9 +133,7 @@ async def test_a_spliced_stream_arrives_byte_for_byte_and_the_connection_is_reus
     events = [event(i) for i in range(40)] + [USAGE_EVENT, b"data: [DONE]\n\n"]
 
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(STREAM_HEAD + chunk(events[0]))  # the first event with the head
-        await writer.drain()
-        await asyncio.sleep(0.1)  # past the first read: the rest is spliced
+        await start_stream(writer, events[0])
         for index, data in enumerate(events[1:], 1):
             if index % 3 == 0:  # some reads hold several chunks, some one, some half a frame
                 frame = chunk(data)
@@ -163,9 +169,7 @@ async def test_a_stream_cut_mid_way_ends_with_an_error_event_and_a_whole_respons
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(STREAM_HEAD + chunk(event(0)))
-        await writer.drain()
-        await asyncio.sleep(0.1)
+        await start_stream(writer)
         for index in range(1, 5):
             writer.write(chunk(event(index)))
             await writer.drain()
@@ -204,10 +208,8 @@ async def test_a_slow_client_pauses_the_model_server_and_still_gets_every_byte(
 
     async def script(writer: asyncio.StreamWriter) -> None:
         nonlocal written
-        writer.write(STREAM_HEAD + chunk(events[0]))
+        await start_stream(writer, events[0])
         written += len(events[0])
-        await writer.drain()
-        await asyncio.sleep(0.1)
         for data in events[1:]:
             writer.write(chunk(data))
             await writer.drain()  # blocks while the gateway does not read
@@ -242,8 +244,7 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream_connection(
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(STREAM_HEAD + chunk(event(0)))
-        await writer.drain()
+        await start_stream(writer, pause=0)
         for index in range(1, 100_000):  # an endless stream, one event every 10 ms
             await asyncio.sleep(0.01)
             writer.write(chunk(event(index)))
@@ -275,9 +276,7 @@ async def test_a_silent_model_server_mid_splice_is_cut_by_the_watchdog(
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(STREAM_HEAD + chunk(event(0)))
-        await writer.drain()
-        await asyncio.sleep(0.1)
+        await start_stream(writer)
         writer.write(chunk(event(1)) + chunk(event(2)))
         await writer.drain()
         # Then nothing: the script returns with the response unfinished and the server waits
@@ -304,9 +303,7 @@ async def test_without_the_splice_extension_the_stream_goes_through_asgi(tmp_pat
     events = [event(i) for i in range(20)] + [USAGE_EVENT, b"data: [DONE]\n\n"]
 
     async def script(writer: asyncio.StreamWriter) -> None:
-        writer.write(STREAM_HEAD + chunk(events[0]))
-        await writer.drain()
-        await asyncio.sleep(0.05)
+        await start_stream(writer, events[0], pause=0.05)
         for data in events[1:]:
             writer.write(chunk(data))
             await writer.drain()
