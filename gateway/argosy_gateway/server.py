@@ -100,7 +100,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         cycle.__class__ = _CoalescingCycle
         cycle.loop = self.loop  # type: ignore[attr-defined]
         cycle.protocol = self  # type: ignore[attr-defined]
-        cycle.scope["extensions"] = {SPLICE_EXTENSION: cycle.splice}  # type: ignore[attr-defined]
+        extensions = cycle.scope.get("extensions")
+        if extensions is None:  # uvicorn's httptools protocol sets none today
+            cycle.scope["extensions"] = {SPLICE_EXTENSION: cycle.splice}  # type: ignore[attr-defined]
+        else:
+            extensions[SPLICE_EXTENSION] = cycle.splice  # type: ignore[attr-defined]
         super()._start_asgi_task(cycle, app)
 
     def pause_writing(self) -> None:
