@@ -220,9 +220,9 @@ class AutoscalingLoop:
         snapshot: Callable[[], Snapshot | None] | None = None,
     ) -> None:
         self.is_leader = is_leader
+        """Only the operator replica holding the Lease scales (a standby looks at nothing)."""
         self._snapshot = snapshot
         """The operator's caches (None from it until they are synced); without it, each look LISTs."""
-        """Only the operator replica holding the Lease scales (a standby looks at nothing)."""
         self.settings = settings
         self.loop_settings = loop_settings
         self._clock = clock
@@ -344,7 +344,9 @@ class AutoscalingLoop:
         if not deployments:
             return
         if snapshot is not None:
-            pods_by_owner = {key: [dict(p) for p in pods if is_serving(p)] for key, pods in snapshot[1].items()}
+            cached = snapshot[1]  # every model's pods: copy only those of the models looked at
+            keys = ((str(d["metadata"]["namespace"]), str(d["metadata"]["name"])) for d in deployments)
+            pods_by_owner = {key: [dict(p) for p in cached.get(key, ()) if is_serving(p)] for key in keys}
         else:
             pods_by_owner = {}
             for pod in await self._list(_pods(), SERVING_PODS):

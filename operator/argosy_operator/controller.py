@@ -153,16 +153,16 @@ class Runtime:
                     "reconciling" if self.leading else "standing by until this replica holds the Lease")
         self._start_work()
 
-    def autoscaling_snapshot(self) -> tuple[list[Any], dict[Any, list[Any]]] | None:
-        """Every LLMDeployment and the pods of each, from the watch caches; None until they are synced.
+    def autoscaling_snapshot(self) -> tuple[list[Any], Any] | None:
+        """Every LLMDeployment, and the pods index (pods by owner), from the watch caches; None until synced.
 
-        The autoscaler reads these each look instead of listing them from the API server.
+        The autoscaler reads these each look instead of listing them from the API server, and
+        takes from the pods index only the owners it looks at, before it next awaits anything.
         """
         if not self._synced:
             return None
-        deployments, pods = self._indexes["argosy_llmdeployments"], self._indexes["argosy_pods"]
-        return ([body for key in list(deployments) for body in deployments.get(key, ())],
-                {key: list(pods.get(key, ())) for key in list(pods)})
+        deployments = self._indexes["argosy_llmdeployments"]
+        return [body for key in list(deployments) for body in deployments.get(key, ())], self._indexes["argosy_pods"]
 
     def enqueue(self, key: observe.ObjectKey) -> None:
         if self.leading:  # a standby queues nothing: start_leading enqueues every object

@@ -378,6 +378,13 @@ def endpoints(gateway, model: str) -> tuple[str, ...] | None:
     return None if route is None else route.endpoints
 
 
+async def watching_gateway(gateway_factory, api_server: FakeApiServer, tmp_path: Path, **settings):
+    """A gateway discovering from ``api_server`` (started, not waited for: callers wait or check)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
+    return await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig, **settings)
+
+
 @pytest.mark.timeout(60)
 async def test_ready_only_after_the_first_full_list_and_never_404_before(
     gateway_factory, api_server: FakeApiServer, tmp_path: Path
@@ -385,9 +392,7 @@ async def test_ready_only_after_the_first_full_list_and_never_404_before(
     api_server.put(DEPLOYMENTS, llm_deployment("llama"))
     api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
     api_server.hold_lists.clear()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
-    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    gateway = await watching_gateway(gateway_factory, api_server, tmp_path)
     await eventually(lambda: len(api_server.lists) == 3)
     async with aiohttp.ClientSession() as http, http.get(gateway.url + "/readyz") as response:
         assert response.status == 503
@@ -405,9 +410,7 @@ async def test_a_failed_watch_relists_without_a_gap_in_routing(
 ) -> None:
     api_server.put(DEPLOYMENTS, llm_deployment("llama"))
     api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
-    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    gateway = await watching_gateway(gateway_factory, api_server, tmp_path)
     await gateway.wait_loaded()
     watch = await api_server.watching(PODS)
 
@@ -458,9 +461,7 @@ async def test_the_gateway_replaces_the_clients_key_with_the_pods_backend_key(
     api_server.put(DEPLOYMENTS, llm_deployment("llama"))
     api_server.put(PODS, pod("p1", "127.0.0.1", names=["llama"], port=sim.port, key_id="a"))
     api_server.put(SECRETS, backend_key_secret("llama", {"a": "backend-key-a"}))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
-    gateway = await gateway_factory(wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig)
+    gateway = await watching_gateway(gateway_factory, api_server, tmp_path)
     await gateway.wait_loaded()
     body = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     async with aiohttp.ClientSession() as http:
@@ -488,11 +489,7 @@ async def test_without_backend_keys_the_gateway_never_asks_for_secrets(
 ) -> None:
     api_server.put(DEPLOYMENTS, llm_deployment("llama"))
     api_server.put(PODS, pod("p1", "127.0.10.1", names=["llama"]))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG.format(port=api_server.port))
-    gateway = await gateway_factory(
-        wait_loaded=False, discovery="kubernetes", kubeconfig=kubeconfig, backend_keys=False
-    )
+    gateway = await watching_gateway(gateway_factory, api_server, tmp_path, backend_keys=False)
     await gateway.wait_loaded()
     assert endpoints(gateway, "llama") == ("http://127.0.10.1:8000",)
     assert sorted(api_server.lists) == [DEPLOYMENTS, PODS]
