@@ -68,6 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.runtime = runtime
     app.proxy_endpoints, app.state.stored_responses = install_routes(app, runtime)
+    app.direct_routes = {path.encode("ascii"): endpoint for path, endpoint in app.proxy_endpoints.items()}
     return app
 
 
@@ -76,10 +77,12 @@ class GatewayApp(FastAPI):
 
     A POST to an OpenAI path goes straight to its raw ASGI endpoint (the same object the
     router would reach); everything else, including wrong methods on those paths, takes
-    the normal FastAPI route.
+    the normal FastAPI route. ``direct_routes`` offers the same endpoints to the gateway's
+    own protocol (server.py), which then calls them without this dispatch at all.
     """
 
     proxy_endpoints: dict[str, ProxyEndpoint]
+    direct_routes: dict[bytes, ProxyEndpoint]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -22,7 +22,7 @@ from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
-from argosy_gateway.server import BODY_NEXT, SPLICE_EXTENSION
+from argosy_gateway.server import BODY_NEXT, CLIENT_LOST_EXTENSION, SPLICE_EXTENSION
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
@@ -105,20 +105,33 @@ _WATCH_RESOLUTION = 0.01
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("_receive", "_timer", "disconnected", "splice", "task", "watcher")
+    __slots__ = ("_client_lost", "_receive", "_timer", "disconnected", "splice", "task", "watcher")
 
-    def __init__(self, task: asyncio.Task[Any], splice: Splice | None) -> None:
+    def __init__(self, task: asyncio.Task[Any], extensions: dict[str, Any] | None) -> None:
         self.task = task
-        self.splice = splice  # the server's argosy.splice extension, when it offers one
+        # The server's argosy.splice and argosy.client_lost extensions, when it offers them.
+        self.splice: Splice | None = extensions.get(SPLICE_EXTENSION) if extensions else None
+        self._client_lost: Callable[[Any], None] | None = (
+            extensions.get(CLIENT_LOST_EXTENSION) if extensions else None
+        )
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: Deadline | None = None
         self._receive: Receive | None = None
 
-    def watch_soon(self, timers: FixedDelay, receive: Receive) -> None:
-        """Start watching for a disconnect unless the exchange is over within ``timers.delay``."""
+    def watch_soon(self, timers: FixedDelay | None, receive: Receive) -> None:
+        """Watch for a disconnect: the server's callback, or a task unless the exchange is over
+        within ``timers.delay``."""
+        if self._client_lost is not None:
+            self._client_lost(self.client_gone)
+            return
+        assert timers is not None
         self._receive = receive
         self._timer = timers.call_later(self._watch)
+
+    @property
+    def watch_by_timer(self) -> bool:
+        return self._client_lost is None
 
     def _watch(self) -> None:
         self._timer = None
@@ -132,6 +145,9 @@ class _Exchange:
             self.task.cancel()
 
     def stop_watching(self) -> None:
+        if self._client_lost is not None:
+            self._client_lost(None)
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -236,8 +252,7 @@ class ProxyEndpoint:
         status = 500
         task = asyncio.current_task()
         assert task is not None
-        extensions = scope.get("extensions")
-        exchange = _Exchange(task, extensions.get(SPLICE_EXTENSION) if extensions else None)
+        exchange = _Exchange(task, scope.get("extensions"))
         try:
             try:
                 content_length = -1
@@ -271,7 +286,7 @@ class ProxyEndpoint:
                 model_label = route.name
                 runtime.admit(key, route.name)
                 timers = self._watch_timers
-                if timers is None:
+                if timers is None and exchange.watch_by_timer:
                     # The task's loop, not a lookup (each one is a getpid system call in 3.11).
                     timers = self._watch_timers = FixedDelay(task.get_loop(), _WATCH_AFTER_SECONDS, _WATCH_RESOLUTION)
                 exchange.watch_soon(timers, receive)

@@ -18,6 +18,18 @@ when the client's socket buffer fills and drains and when the client goes away; 
 None hands the response back to ``send``, whose last message ends it as usual. The proxy uses it
 to pass a model server's stream on without a coroutine and a task wake-up per chunk.
 
+Two more shortcuts, both for the proxy paths:
+
+- **Direct routes.** An app may carry ``direct_routes`` (``DIRECT_ROUTES_ATTRIBUTE``): exact
+  raw paths (bytes) to ASGI callables for POST requests. A POST whose request target is one of
+  them (no query string, no escapes) goes straight to that callable, without the app's own
+  dispatch and with a lighter request cycle (no ``asyncio.Event``, no URL parsing). Anything
+  else, and every other app, takes the normal ASGI route.
+- **Client lost** (scope extension ``argosy.client_lost``, ``CLIENT_LOST_EXTENSION``): the
+  application registers a callback that the protocol calls once when the client's connection
+  is lost before the response completed (``None`` unregisters it). The proxy uses it instead
+  of a task that waits on ``receive`` for ``http.disconnect``.
+
 Selected with ``uvicorn.run(..., http=HTTP_PROTOCOL)`` (cli.py and the tests' harness);
 tests/unit/gateway/test_server_protocol.py is its conformance suite. uvicorn is pinned in
 images/constraints.txt, and that suite runs against the pinned version.
@@ -26,6 +38,7 @@ images/constraints.txt, and that suite runs against the pinned version.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -41,6 +54,9 @@ _NO_BODY_STATUSES = (204, 304)
 HTTP_PROTOCOL = "argosy_gateway.server:GatewayHttpProtocol"
 """uvicorn's ``http`` setting that selects this protocol."""
 SPLICE_EXTENSION = "argosy.splice"
+CLIENT_LOST_EXTENSION = "argosy.client_lost"
+DIRECT_ROUTES_ATTRIBUTE = "direct_routes"
+"""The app attribute naming its direct routes: {raw path: ASGI callable} for POST requests."""
 BODY_NEXT = "argosy.body_next"
 """A key an application may set on ``http.response.start`` when its next step is the body's
 ``send`` (no await between them): the head then waits for that write, and no flush of it is
@@ -61,6 +77,38 @@ class SpliceListener(Protocol):
 
 
 _default_cache: tuple[object, bytes] = (None, b"")
+
+# Response header lines already checked, by (name, value) as the application sent them: the
+# line, and what it means for the framing. A proxy answers with a handful of distinct headers
+# (its content types, endpoint addresses, lengths), so each is checked once, not per response.
+_PLAIN, _LENGTH, _CHUNKED, _CLOSE = 0, 1, 2, 3
+_MAX_CACHED_LINES = 4096
+_checked_lines: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+
+
+def _header_line(raw_name: bytes, value: bytes) -> tuple[bytes, int]:
+    """One response header's line and framing kind; raises for an invalid name or value."""
+    key = (raw_name, value)
+    checked = _checked_lines.get(key)
+    if checked is not None:
+        return checked
+    if HEADER_RE.search(raw_name):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(value):
+        raise RuntimeError("Invalid HTTP header value.")
+    name = raw_name.lower()
+    kind = _PLAIN
+    if name == b"content-length":
+        kind = _LENGTH
+    elif name == b"transfer-encoding":
+        kind = _CHUNKED if value.lower() == b"chunked" else _PLAIN
+    elif name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+        kind = _CLOSE
+    checked = (b"%b: %b\r\n" % (name, value), kind)
+    if len(_checked_lines) >= _MAX_CACHED_LINES:
+        _checked_lines.clear()
+    _checked_lines[key] = checked
+    return checked
 
 
 def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -91,20 +139,58 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's ``HttpToolsProtocol`` whose request cycles write each answer's head with its body."""
 
     splice: SpliceListener | None = None  # the current cycle's, while its body is spliced
+    client_lost_callback: Callable[[], object] | None = None  # the current cycle's (argosy.client_lost)
+    _direct_routes: dict[bytes, Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.root_path and self.limit_concurrency is None:
+            self._direct_routes = getattr(self.app, DIRECT_ROUTES_ATTRIBUTE, None)
+
+    def on_headers_complete(self) -> None:
+        routes = self._direct_routes
+        if routes:
+            app = routes.get(self.url)
+            if app is not None and self.parser.get_method() == b"POST" and not self.parser.should_upgrade():
+                self._direct_cycle(app)
+                return
+        super().on_headers_complete()
+
+    def _direct_cycle(self, app: Any) -> None:
+        """A POST to a direct route: its scope completed and its cycle started (or queued)."""
+        parser = self.parser
+        scope = self.scope
+        url = self.url
+        scope["method"] = "POST"
+        http_version = parser.get_http_version()
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        scope["path"] = url.decode("ascii")
+        scope["raw_path"] = url
+        scope["query_string"] = b""
+        existing = self.cycle
+        cycle = self.cycle = _DirectCycle(self, scope, http_version != "1.0" and parser.should_keep_alive())
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
     _idle_since = 0.0
     _idle_cycle: object = None  # the cycle whose end started the idle time
     _keep_alive_timer: asyncio.TimerHandle | None = None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Every cycle (pipelined ones too) starts here, before its task first runs.
-        cycle.__class__ = _CoalescingCycle
-        cycle.loop = self.loop  # type: ignore[attr-defined]
-        cycle.protocol = self  # type: ignore[attr-defined]
+        if cycle.__class__ is not _DirectCycle:
+            cycle.__class__ = _CoalescingCycle
+            cycle.loop = self.loop  # type: ignore[attr-defined]
+            cycle.protocol = self  # type: ignore[attr-defined]
+        ours = {SPLICE_EXTENSION: cycle.splice, CLIENT_LOST_EXTENSION: cycle.client_lost}  # type: ignore[attr-defined]
         extensions = cycle.scope.get("extensions")
         if extensions is None:  # uvicorn's httptools protocol sets none today
-            cycle.scope["extensions"] = {SPLICE_EXTENSION: cycle.splice}  # type: ignore[attr-defined]
+            cycle.scope["extensions"] = ours
         else:
-            extensions[SPLICE_EXTENSION] = cycle.splice  # type: ignore[attr-defined]
+            extensions.update(ours)
         super()._start_asgi_task(cycle, app)
 
     def pause_writing(self) -> None:
@@ -119,12 +205,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         splice, self.splice = self.splice, None
+        lost, self.client_lost_callback = self.client_lost_callback, None
         if self._keep_alive_timer is not None:
             self._keep_alive_timer.cancel()
             self._keep_alive_timer = None
         super().connection_lost(exc)
         if splice is not None:
             splice.client_lost()
+        if lost is not None:
+            lost()
 
     def on_response_complete(self) -> None:
         # uvicorn's, but one keep-alive timer per connection instead of one per request:
@@ -132,6 +221,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # bytes arrive. Here the timer stays armed and, when it fires, closes the connection
         # only if it is still idle since the same answer, or waits for the rest of the time.
         self.server_state.total_requests += 1
+        self.client_lost_callback = None
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
@@ -162,6 +252,18 @@ class _CoalescingCycle(RequestResponseCycle):
     loop: asyncio.AbstractEventLoop
     protocol: GatewayHttpProtocol
     _held = b""  # the response head, not written yet
+
+    def client_lost(self, callback: Callable[[], object] | None) -> None:
+        """The ``argosy.client_lost`` extension: call ``callback`` once if the client goes away first.
+
+        Called at once if it already went away; ``None`` unregisters; the response's end
+        unregisters too.
+        """
+        if callback is not None and (self.disconnected or self.response_complete):
+            if self.disconnected:
+                callback()
+            return
+        self.protocol.client_lost_callback = callback
 
     def splice(self, listener: SpliceListener | None) -> asyncio.Transport | None:
         """The ``argosy.splice`` extension: the transport for the rest of a chunked body, or None.
@@ -255,23 +357,18 @@ class _CoalescingCycle(RequestResponseCycle):
         parts = [STATUS_LINE[status], _default_lines(self.default_headers)]
         close_sent = False
         for raw_name, value in headers:
-            if HEADER_RE.search(raw_name):
-                raise RuntimeError("Invalid HTTP header name.")
-            if HEADER_VALUE_RE.search(value):
-                raise RuntimeError("Invalid HTTP header value.")
-            name = raw_name.lower()
-            if name == b"content-length":
+            line, kind = _header_line(raw_name, value)
+            if kind == _LENGTH:
                 if self.chunked_encoding is None:
                     self.expected_content_length = int(value)
                     self.chunked_encoding = False
-            elif name == b"transfer-encoding":
-                if value.lower() == b"chunked":
-                    self.expected_content_length = 0
-                    self.chunked_encoding = True
-            elif name == b"connection" and b"close" in [t.strip().lower() for t in value.split(b",")]:
+            elif kind == _CHUNKED:
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif kind == _CLOSE:
                 self.keep_alive = False
                 close_sent = True
-            parts.append(b"%b: %b\r\n" % (name, value))
+            parts.append(line)
         if not self.keep_alive and not close_sent:
             parts.append(b"connection: close\r\n")
         if self.chunked_encoding is None and self.scope["method"] != "HEAD" and status not in _NO_BODY_STATUSES:
@@ -279,3 +376,81 @@ class _CoalescingCycle(RequestResponseCycle):
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
+
+
+class _Signal:
+    """``asyncio.Event``'s part a request cycle uses, without a waiter deque or a coroutine per wait."""
+
+    __slots__ = ("_loop", "_waiter", "flag")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def wait(self) -> asyncio.Future[None]:
+        """An awaitable that is done once the signal is set."""
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = self._loop.create_future()
+            if self.flag:
+                waiter.set_result(None)
+                self._waiter = None
+        return waiter
+
+
+class _DirectCycle(_CoalescingCycle):
+    """The cycle of a POST to a direct route: set up without uvicorn's URL parsing and event."""
+
+    def __init__(self, protocol: GatewayHttpProtocol, scope: Any, keep_alive: bool) -> None:
+        # Every attribute uvicorn's RequestResponseCycle sets, with the protocol's values.
+        self.scope = scope
+        self.protocol = protocol
+        self.loop = protocol.loop
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.logger = protocol.logger
+        self.access_logger = protocol.access_logger
+        self.access_log = protocol.access_log
+        self.default_headers = protocol.server_state.default_headers
+        self.message_event = _Signal(protocol.loop)  # type: ignore[assignment]
+        self.on_response = protocol.on_response_complete
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = protocol.expect_100_continue
+        self.body = bytearray()
+        self.more_body = True
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding = None
+        self.expected_content_length = 0
+
+    async def receive(self) -> Any:  # the ASGI receive callable
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            signal = self.message_event
+            if not signal.flag:  # type: ignore[attr-defined]
+                await signal.wait()
+            signal.clear()
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        body = bytes(self.body)
+        self.body = bytearray()
+        return {"type": "http.request", "body": body, "more_body": self.more_body}

@@ -115,6 +115,7 @@ class RunningGateway:
             lifespan="on",
             log_level="warning",
             access_log=False,
+            proxy_headers=False,  # as the CLI serves it (the proxy paths then take the direct route)
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None

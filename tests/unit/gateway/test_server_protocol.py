@@ -3,28 +3,70 @@
 uvicorn serves small ASGI apps with ``GatewayHttpProtocol``; a raw socket client checks the
 bytes a client gets: framing (length, chunked, HEAD, 204), keep-alive and pipelining, close
 semantics, a response head sent before a slow body, 100-continue and the errors uvicorn
-answers for a broken app.
+answers for a broken app. Every test runs twice: through the app's ASGI dispatch, and with
+the app offered as a direct route for every POST (``direct_routes``, the way the gateway's
+proxy paths are served), whose request cycle is the protocol's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import pytest
 import uvicorn
-from argosy_gateway.server import HTTP_PROTOCOL
+from argosy_gateway.server import CLIENT_LOST_EXTENSION, HTTP_PROTOCOL
 from argosy_sandbox.cluster import free_port
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+_ROUTE = ["asgi"]  # how serving() offers its app: "asgi", or "direct" for every POST
+
+
+@pytest.fixture(autouse=True, params=["asgi", "direct"])
+def route(request: pytest.FixtureRequest) -> Iterator[str]:
+    _ROUTE[0] = request.param
+    yield request.param
+    _ROUTE[0] = "asgi"
+
+
+class _EveryPath(dict[bytes, App]):
+    """direct_routes that offer one app for every request target."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__({b"/": app})
+        self.app = app
+
+    def get(self, key: bytes, default: Any = None) -> App:  # type: ignore[override]
+        return self.app
+
+
+class Routed:
+    """An app whose POSTs the protocol may send to ``direct_routes`` instead of ``__call__``."""
+
+    def __init__(self, app: App, direct_routes: dict[bytes, App]) -> None:
+        self.app = app
+        self.direct_routes = direct_routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 @contextlib.asynccontextmanager
 async def serving(app: App, **options: Any) -> AsyncIterator[int]:
+    if _ROUTE[0] == "direct" and not isinstance(app, Routed):
+        app = Routed(app, _EveryPath(app))
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=HTTP_PROTOCOL, lifespan="off", log_level="critical", **options
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=HTTP_PROTOCOL,
+        lifespan="off",
+        log_level="critical",
+        proxy_headers=False,
+        **options,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -205,11 +247,12 @@ async def test_an_invalid_header_from_the_app_is_refused() -> None:
         await send({"type": "http.response.body", "body": b""})
 
     async with serving(app) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request())
-        # The connection is dropped (as uvicorn does): nothing of the injected header reaches the client.
-        assert await asyncio.wait_for(reader.read(), 5) == b""
-        writer.close()
+        for _ in range(2):  # refused every time, not once and then remembered as checked
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request())
+            # The connection is dropped (as uvicorn does): nothing of the injected header reaches the client.
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
 
 
 async def test_an_idle_connection_is_closed_after_the_keep_alive_time_and_a_busy_one_is_not() -> None:
@@ -233,3 +276,58 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_time_and_a_busy
         assert busy_reader2 == b""
         busy_writer.close()
         idle_writer.close()
+
+
+async def test_only_an_exact_post_to_a_direct_route_skips_the_apps_own_dispatch(route: str) -> None:
+    seen: list[str] = []
+
+    def answering(name: str) -> App:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            seen.append(f"{name} {scope['method']} {scope['path']} {scope['query_string'].decode()}")
+            await echo(scope, receive, send)
+
+        return app
+
+    routed = Routed(answering("app"), {b"/direct": answering("direct")})
+    async with serving(routed) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for method, target in (("POST", "/direct"), ("POST", "/direct?x=1"), ("GET", "/direct"), ("POST", "/other")):
+            writer.write(request(method, target, b"b" if method == "POST" else b""))
+            status, _, body = await read_response(reader)
+            assert status == b"HTTP/1.1 200 OK" and body.startswith(f"{method} ".encode())
+        writer.close()
+    assert seen == ["direct POST /direct ", "app POST /direct x=1", "app GET /direct ", "app POST /other "]
+
+
+async def test_the_client_lost_callback_is_called_once_if_the_client_leaves_before_the_answer() -> None:
+    lost: list[str] = []
+    registered, gone = asyncio.Event(), asyncio.Event()
+
+    def record(name: str) -> None:
+        lost.append(name)
+        gone.set()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        client_lost = scope["extensions"][CLIENT_LOST_EXTENSION]
+        if scope["path"] == "/wait":
+            client_lost(lambda: record("wait"))
+            registered.set()
+            await asyncio.wait_for(gone.wait(), 10)
+            return
+        client_lost(lambda: record("answered"))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request(path="/answered"))
+        assert (await read_response(reader))[2] == b"ok"
+        writer.close()  # after the answer: not a lost client
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request(path="/wait"))
+        await asyncio.wait_for(registered.wait(), 5)
+        writer.close()
+        await asyncio.wait_for(gone.wait(), 5)
+        await asyncio.sleep(0.1)  # and only once
+        assert lost == ["wait"]
