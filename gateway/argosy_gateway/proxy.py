@@ -22,7 +22,7 @@ from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
-from argosy_gateway.server import BODY_NEXT, CLIENT_LOST_EXTENSION, SPLICE_EXTENSION
+from argosy_gateway.server import ANSWER_EXTENSION, BODY_NEXT, CLIENT_LOST_EXTENSION, SPLICE_EXTENSION
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
@@ -32,12 +32,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 Splice = Callable[[Any], Any]  # server.py's argosy.splice: takes a listener, gives a transport or None
+Answer = Callable[[int, Headers, bytes], None]  # server.py's argosy.answer: a whole response at once
 
 log = logging.getLogger(__name__)
 
 STATUS_CLIENT_CLOSED = 499  # nginx's convention for "the client went away first"
 _FORWARDED_REQUEST_HEADERS = (b"x-request-id", b"traceparent", b"tracestate")
-_EVENT_STREAM = "text/event-stream"
+_EVENT_STREAM = b"text/event-stream"
+_JSON = b"application/json"
 _RETRYABLE_STATUSES = (502, 503)
 
 
@@ -105,7 +107,7 @@ _WATCH_RESOLUTION = 0.01
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("_client_lost", "_receive", "_timer", "disconnected", "splice", "task", "watcher")
+    __slots__ = ("_client_lost", "_receive", "_timer", "answer", "disconnected", "splice", "task", "watcher")
 
     def __init__(self, task: asyncio.Task[Any], extensions: dict[str, Any] | None) -> None:
         self.task = task
@@ -114,6 +116,7 @@ class _Exchange:
         self._client_lost: Callable[[Any], None] | None = (
             extensions.get(CLIENT_LOST_EXTENSION) if extensions else None
         )
+        self.answer: Answer | None = extensions.get(ANSWER_EXTENSION) if extensions else None
         self.disconnected = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: Deadline | None = None
@@ -215,8 +218,11 @@ def _no_write(data: bytes) -> None:
     raise AssertionError("a chunk arrived before the splice was set up")
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError, answer: Answer | None = None) -> None:
     body = error.body()
+    if answer is not None:
+        answer(error.status, error.headers(len(body)), body)
+        return
     await send(
         {"type": "http.response.start", "status": error.status, "headers": error.headers(len(body)), BODY_NEXT: True}
     )
@@ -244,13 +250,19 @@ class ProxyEndpoint:
         self.on_answer = on_answer
         self._addresses: dict[str, bytes] = {}
         self._watch_timers: FixedDelay | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._is_stream: dict[bytes, bool] = {}  # content type -> is it an event stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.runtime
         started = perf_counter()
         model_label = UNKNOWN_MODEL
         status = 500
-        task = asyncio.current_task()
+        loop = self._loop
+        task = asyncio.current_task(loop)  # with the loop: no running-loop lookup (a getpid call in 3.11)
+        if task is None:  # the first request, or another loop (tests)
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
         assert task is not None
         exchange = _Exchange(task, scope.get("extensions"))
         try:
@@ -296,7 +308,7 @@ class ProxyEndpoint:
             except GatewayError as error:
                 status = error.status
                 exchange.stop_watching()
-                await send_error(send, error)
+                await send_error(send, error, exchange.answer)
             except _ClientGone:
                 status = STATUS_CLIENT_CLOSED
         except asyncio.CancelledError:
@@ -402,8 +414,12 @@ class ProxyEndpoint:
                         retryable=True,
                         answer=await _retryable_answer(response, address),
                     )
-                content_type = response.header("content-type") or "application/json"
-                is_stream = content_type.split(";", 1)[0].strip().lower() == _EVENT_STREAM
+                content_type = response.raw_header(b"content-type") or _JSON
+                is_stream = self._is_stream.get(content_type)
+                if is_stream is None:
+                    is_stream = content_type.split(b";", 1)[0].strip().lower() == _EVENT_STREAM
+                    if len(self._is_stream) < 256:
+                        self._is_stream[content_type] = is_stream
                 if is_stream:
                     first = await response.read_chunk()
                 else:
@@ -433,20 +449,20 @@ class ProxyEndpoint:
             runtime.health.record_success(endpoint)
             if self.on_answer is not None and status == 200:
                 self.on_answer(model, endpoint, first)
-            response_headers = [
-                (b"content-type", content_type.encode("latin-1")),
-                (b"x-argosy-endpoint", address),
-            ]
-            encoding = response.header("content-encoding")
+            response_headers = [(b"content-type", content_type), (b"x-argosy-endpoint", address)]
+            encoding = response.raw_header(b"content-encoding")
             if encoding is not None:
-                response_headers.append((b"content-encoding", encoding.encode("latin-1")))
+                response_headers.append((b"content-encoding", encoding))
             if not is_stream:
-                response_headers.append((b"content-length", str(len(first)).encode()))
+                response_headers.append((b"content-length", b"%d" % len(first)))
                 exchange.stop_watching()
-                await send(
-                    {"type": "http.response.start", "status": status, "headers": response_headers, BODY_NEXT: True}
-                )
-                await send({"type": "http.response.body", "body": first})
+                if exchange.answer is not None:
+                    exchange.answer(status, response_headers, first)
+                else:
+                    await send(
+                        {"type": "http.response.start", "status": status, "headers": response_headers, BODY_NEXT: True}
+                    )
+                    await send({"type": "http.response.body", "body": first})
                 runtime.metrics.first_byte(model, perf_counter() - started)
                 if status == 200:
                     runtime.metrics.usage(model, *extract_usage(first[-2048:]))
@@ -573,6 +589,9 @@ async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple
 
 async def _send_answer(send: Send, exchange: _Exchange, status: int, headers: Headers, body: bytes) -> int:
     exchange.stop_watching()
+    if exchange.answer is not None:
+        exchange.answer(status, headers, body)
+        return status
     await send({"type": "http.response.start", "status": status, "headers": headers, BODY_NEXT: True})
     await send({"type": "http.response.body", "body": body})
     return status

@@ -29,6 +29,9 @@ Two more shortcuts, both for the proxy paths:
   application registers a callback that the protocol calls once when the client's connection
   is lost before the response completed (``None`` unregisters it). The proxy uses it instead
   of a task that waits on ``receive`` for ``http.disconnect``.
+- **Answer** (scope extension ``argosy.answer``, ``ANSWER_EXTENSION``): a whole response
+  (status, headers, body) in one synchronous call, for an application that has the body
+  already (the proxy's non-streamed answers and its errors).
 
 Selected with ``uvicorn.run(..., http=HTTP_PROTOCOL)`` (cli.py and the tests' harness);
 tests/unit/gateway/test_server_protocol.py is its conformance suite. uvicorn is pinned in
@@ -55,6 +58,7 @@ HTTP_PROTOCOL = "argosy_gateway.server:GatewayHttpProtocol"
 """uvicorn's ``http`` setting that selects this protocol."""
 SPLICE_EXTENSION = "argosy.splice"
 CLIENT_LOST_EXTENSION = "argosy.client_lost"
+ANSWER_EXTENSION = "argosy.answer"
 DIRECT_ROUTES_ATTRIBUTE = "direct_routes"
 """The app attribute naming its direct routes: {raw path: ASGI callable} for POST requests."""
 BODY_NEXT = "argosy.body_next"
@@ -185,7 +189,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.__class__ = _CoalescingCycle
             cycle.loop = self.loop  # type: ignore[attr-defined]
             cycle.protocol = self  # type: ignore[attr-defined]
-        ours = {SPLICE_EXTENSION: cycle.splice, CLIENT_LOST_EXTENSION: cycle.client_lost}  # type: ignore[attr-defined]
+        ours = {
+            SPLICE_EXTENSION: cycle.splice,  # type: ignore[attr-defined]
+            CLIENT_LOST_EXTENSION: cycle.client_lost,  # type: ignore[attr-defined]
+            ANSWER_EXTENSION: cycle.answer,  # type: ignore[attr-defined]
+        }
         extensions = cycle.scope.get("extensions")
         if extensions is None:  # uvicorn's httptools protocol sets none today
             cycle.scope["extensions"] = ours
@@ -309,8 +317,24 @@ class _CoalescingCycle(RequestResponseCycle):
             raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
         if kind != "http.response.body":
             raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
-        body = message.get("body", b"")
-        more_body = message.get("more_body", False)
+        self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    def answer(self, status: int, headers: Any, body: bytes) -> None:
+        """The ``argosy.answer`` extension: a whole response (head and body) in one call and one write.
+
+        Instead of ``http.response.start`` and a last ``http.response.body`` from an application
+        that has the whole body already; nothing after it.
+        """
+        if self.disconnected:
+            return
+        if self.response_started:
+            raise RuntimeError("argosy.answer after the response started.")
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self._held = self._head(status, headers)
+        self._write_body(body, False)
+
+    def _write_body(self, body: bytes, more_body: bool) -> None:
         if self.scope["method"] == "HEAD":
             self.expected_content_length = 0
             data = b""
@@ -416,28 +440,31 @@ class _Signal:
 class _DirectCycle(_CoalescingCycle):
     """The cycle of a POST to a direct route: set up without uvicorn's URL parsing and event."""
 
+    # uvicorn's RequestResponseCycle sets these per instance; here they start as class defaults
+    # and become instance attributes only when a request changes them.
+    disconnected = False
+    more_body = True
+    response_started = False
+    response_complete = False
+    chunked_encoding: bool | None = None
+    expected_content_length = 0
+
     def __init__(self, protocol: GatewayHttpProtocol, scope: Any, keep_alive: bool) -> None:
-        # Every attribute uvicorn's RequestResponseCycle sets, with the protocol's values.
+        # The rest of what uvicorn's RequestResponseCycle sets, with the protocol's values.
         self.scope = scope
         self.protocol = protocol
-        self.loop = protocol.loop
+        self.loop = loop = protocol.loop
         self.transport = protocol.transport
         self.flow = protocol.flow
         self.logger = protocol.logger
         self.access_logger = protocol.access_logger
         self.access_log = protocol.access_log
         self.default_headers = protocol.server_state.default_headers
-        self.message_event = _Signal(protocol.loop)  # type: ignore[assignment]
+        self.message_event = _Signal(loop)  # type: ignore[assignment]
         self.on_response = protocol.on_response_complete
-        self.disconnected = False
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = protocol.expect_100_continue
         self.body = bytearray()
-        self.more_body = True
-        self.response_started = False
-        self.response_complete = False
-        self.chunked_encoding = None
-        self.expected_content_length = 0
 
     async def receive(self) -> Any:  # the ASGI receive callable
         if self.waiting_for_100_continue and not self.transport.is_closing():

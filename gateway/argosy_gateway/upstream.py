@@ -63,6 +63,9 @@ class UpstreamResponse(Protocol):
     def header(self, name: str) -> str | None:
         """A response header by lower-case name."""
 
+    def raw_header(self, name: bytes) -> bytes | None:
+        """A response header's bytes by lower-case name (as the model server sent them)."""
+
     async def read(self) -> bytes:
         """The whole body."""
 
@@ -162,7 +165,7 @@ class _Connection(asyncio.Protocol):
         self._exception: BaseException | None = None
         self._done = False
         self._headers_done = False
-        self._headers: dict[str, str] = {}
+        self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
         self._until_close = False
         self.keep_alive = False
@@ -207,9 +210,10 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return  # a chunked body's trailers: not passed on
-        key = name.decode("latin-1").lower()
-        if key not in self._headers:
-            self._headers[key] = value.decode("latin-1")
+        key = name.lower()
+        headers = self._headers
+        if key not in headers:
+            headers[key] = value
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -225,7 +229,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         headers = self._headers
         self._until_close = (
-            status not in _NO_BODY_STATUSES and "content-length" not in headers and "transfer-encoding" not in headers
+            status not in _NO_BODY_STATUSES and b"content-length" not in headers and b"transfer-encoding" not in headers
         )
         future = self._headers_future
         if future is not None and not future.done():
@@ -325,6 +329,10 @@ class _Connection(asyncio.Protocol):
     # -- UpstreamResponse ---------------------------------------------------------------------
 
     def header(self, name: str) -> str | None:
+        value = self._headers.get(name.encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    def raw_header(self, name: bytes) -> bytes | None:
         return self._headers.get(name)
 
     async def read_chunk(self) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from argosy_gateway.server import CLIENT_LOST_EXTENSION, HTTP_PROTOCOL
+from argosy_gateway.server import ANSWER_EXTENSION, CLIENT_LOST_EXTENSION, HTTP_PROTOCOL
 from argosy_sandbox.cluster import free_port
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -331,3 +331,25 @@ async def test_the_client_lost_callback_is_called_once_if_the_client_leaves_befo
         await asyncio.wait_for(gone.wait(), 5)
         await asyncio.sleep(0.1)  # and only once
         assert lost == ["wait"]
+
+
+async def test_an_answer_in_one_call_is_one_response_and_cannot_follow_a_started_one() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        answer = scope["extensions"][ANSWER_EXTENSION]
+        if scope["path"] == "/twice":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1")]})
+            answer(200, [(b"content-length", b"1")], b"x")  # refused: the app fails, the connection ends
+        answer(201, [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))], body)
+
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for payload in (b"one", b"two!"):
+            writer.write(request(body=payload))
+            status, headers, body = await read_response(reader)
+            assert status == b"HTTP/1.1 201 Created" and body == payload
+            assert headers[b"content-length"] == b"%d" % len(payload)
+        writer.write(request(path="/twice", body=b"z"))
+        data = await asyncio.wait_for(reader.read(), 5)  # the server closes the connection
+        assert b"201" not in data and data.count(b"HTTP/1.1") <= 1  # never a second answer
+        writer.close()
