@@ -48,7 +48,7 @@ def parse_request(kind: str, raw: bytes, content_type: str | None = None) -> Par
     except UnicodeDecodeError as exc:
         raise bad_request(f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_json") from None
     try:
-        body = json.loads(text)
+        body = _loads(text)
     except RecursionError:
         raise _too_deep() from None
     except ValueError as exc:
@@ -63,6 +63,25 @@ def parse_request(kind: str, raw: bytes, content_type: str | None = None) -> Par
         )
     user = body.get("user")
     return ParsedRequest(model, stream is True, user if isinstance(user, str) else None, body)
+
+
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the C scanner json.loads ends in
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, without its three Python-level calls for the usual body (an object).
+
+    Anything else, and every error, goes through ``json.loads`` itself (its messages included).
+    """
+    if text[:1] == "{":
+        try:
+            value, end = _scan_once(text, 0)
+        except (StopIteration, ValueError):
+            return json.loads(text)  # raises json's own error
+        if end == len(text) or not text[end:].strip(_JSON_WHITESPACE):
+            return value
+    return json.loads(text)
 
 
 def _model(value: object) -> str:

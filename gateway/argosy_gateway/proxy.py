@@ -107,7 +107,17 @@ _WATCH_RESOLUTION = 0.01
 class _Exchange:
     """Per-request bookkeeping shared with the disconnect watcher."""
 
-    __slots__ = ("_client_lost", "_receive", "_timer", "answer", "disconnected", "splice", "task", "watcher")
+    __slots__ = (
+        "_client_lost",
+        "_receive",
+        "_timer",
+        "answer",
+        "disconnected",
+        "splice",
+        "task",
+        "watcher",
+        "watching",
+    )
 
     def __init__(self, task: asyncio.Task[Any], extensions: dict[str, Any] | None) -> None:
         self.task = task
@@ -118,6 +128,7 @@ class _Exchange:
         )
         self.answer: Answer | None = extensions.get(ANSWER_EXTENSION) if extensions else None
         self.disconnected = False
+        self.watching = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: Deadline | None = None
         self._receive: Receive | None = None
@@ -125,6 +136,7 @@ class _Exchange:
     def watch_soon(self, timers: FixedDelay | None, receive: Receive) -> None:
         """Watch for a disconnect: the server's callback, or a task unless the exchange is over
         within ``timers.delay``."""
+        self.watching = True
         if self._client_lost is not None:
             self._client_lost(self.client_gone)
             return
@@ -148,6 +160,7 @@ class _Exchange:
             self.task.cancel()
 
     def stop_watching(self) -> None:
+        self.watching = False
         if self._client_lost is not None:
             self._client_lost(None)
             return
@@ -325,7 +338,8 @@ class ProxyEndpoint:
             with contextlib.suppress(Exception):  # the response may already have started
                 await send_error(send, GatewayError(500, "Internal gateway error.", error_type="server_error"))
         finally:
-            exchange.stop_watching()
+            if exchange.watching:
+                exchange.stop_watching()
             runtime.metrics.request_done(model_label, status, perf_counter() - started)
 
     async def _forward(

@@ -380,8 +380,9 @@ class _CoalescingCycle(RequestResponseCycle):
             )
         parts = [STATUS_LINE[status], _default_lines(self.default_headers)]
         close_sent = False
+        checked_lines = _checked_lines
         for raw_name, value in headers:
-            line, kind = _header_line(raw_name, value)
+            line, kind = checked_lines.get((raw_name, value)) or _header_line(raw_name, value)
             if kind == _LENGTH:
                 if self.chunked_encoding is None:
                     self.expected_content_length = int(value)

@@ -135,6 +135,7 @@ class _Connection(asyncio.Protocol):
         "_headers_future",
         "_parser",
         "_paused",
+        "_reader",
         "_sink",
         "_timer",
         "_until_close",
@@ -154,7 +155,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None
+        self._parser: httptools.HttpResponseParser | None = None  # while a response is awaited
+        self._reader: httptools.HttpResponseParser | None = None  # the connection's, reused per response
         self._timer: asyncio.TimerHandle | Deadline | None = None
         self._headers_future: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -267,7 +269,11 @@ class _Connection(asyncio.Protocol):
 
         ``timers``, when given, keeps the first-byte deadline (its delay is ``timeout``).
         """
-        self._parser = httptools.HttpResponseParser(self)
+        # One parser per connection: llhttp starts the next message after a complete one.
+        parser = self._reader
+        if parser is None:
+            parser = self._reader = httptools.HttpResponseParser(self)
+        self._parser = parser
         self._sink = None
         self._body.clear()
         self._body_size = 0

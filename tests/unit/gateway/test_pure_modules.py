@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from argosy_gateway.auth import bearer_token, hash_key, parse_keys_file
 from argosy_gateway.discovery.static import parse_static_config
@@ -50,6 +52,35 @@ def test_everything_but_model_and_stream_is_left_to_vllm(body: bytes) -> None:
     parsed = parse_request(JSON_BODY, body)
     assert parsed.model == "m" and parsed.stream is False
     assert parsed.user is None  # a non-string user is ignored for affinity, not refused
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m"}',
+        b'{"model": "m"}\r\n\t ',  # JSON white space after the object
+        b'  {"model": "m"}',  # and before it
+        b'{"model": "m"} {"model": "n"}',  # extra data
+        b'{"model": "m"}\xc2\xa0',  # a no-break space is not JSON white space
+        b'{"model": "m", "n": Infinity, "d": {"model": "x"}}',
+        b'{"model": "m",}',
+        b'{"model": "m", "model": "n"}',  # the last duplicate wins, as in json.loads
+        b'{"model": "m", "x": {}}',
+    ],
+)
+def test_bodies_parse_exactly_as_json_loads_would(body: bytes) -> None:
+    """The parser's shortcut past json.loads accepts and refuses the same bodies."""
+    try:
+        expected: object = json.loads(body.decode())
+    except ValueError as exc:
+        expected = exc
+    try:
+        got: object = parse_request(JSON_BODY, body).body
+    except GatewayError as error:
+        assert isinstance(expected, ValueError), f"refused a body json.loads accepts: {error.message}"
+        assert str(expected) in error.message  # json's own message, not a different one
+    else:
+        assert got == expected
 
 
 def test_a_good_request_yields_model_stream_and_user() -> None:
