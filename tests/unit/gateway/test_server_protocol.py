@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import uvicorn
 from argosy_gateway.server import ANSWER_EXTENSION, CLIENT_LOST_EXTENSION, HTTP_PROTOCOL
 from argosy_sandbox.cluster import free_port
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 _ROUTE = ["asgi"]  # how serving() offers its app: "asgi", or "direct" for every POST
@@ -353,3 +355,27 @@ async def test_an_answer_in_one_call_is_one_response_and_cannot_follow_a_started
         data = await asyncio.wait_for(reader.read(), 5)  # the server closes the connection
         assert b"201" not in data and data.count(b"HTTP/1.1") <= 1  # never a second answer
         writer.close()
+
+
+async def test_answered_requests_leave_nothing_for_the_garbage_collector() -> None:
+    """Each request's cycle is freed when its app returns, not by a collection (a loop stall)."""
+    async with serving(echo) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request(body=b"warm"))
+        await read_response(reader)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for index in range(50):
+                writer.write(request(body=b"%d" % index))
+                assert (await read_response(reader))[2] == b"POST /:%d" % index
+            await asyncio.sleep(0.05)  # the last app's task has returned
+            gc.collect()
+            cycles = [o for o in gc.garbage if isinstance(o, RequestResponseCycle)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        writer.close()
+    assert cycles == []
