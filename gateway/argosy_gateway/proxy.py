@@ -272,7 +272,8 @@ class ProxyEndpoint:
         model_label = UNKNOWN_MODEL
         status = 500
         loop = self._loop
-        task = asyncio.current_task(loop)  # with the loop: no running-loop lookup (a getpid call in 3.11)
+        # With the loop, current_task looks up no running loop (a getpid system call in 3.11).
+        task = asyncio.current_task(loop) if loop is not None else None
         if task is None:  # the first request, or another loop (tests)
             loop = self._loop = asyncio.get_running_loop()
             task = asyncio.current_task(loop)
