@@ -27,6 +27,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from argosy_sandbox.cluster import free_port
@@ -711,6 +712,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--no-paced", action="store_true", help="skip the paced points (c=64 below saturation)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure every point N times, direct and each proxy interleaved, and report the median of each figure",
+    )
     parser.add_argument("--workload", choices=[w.name for w in WORKLOADS], nargs="+", default=None)
     parser.add_argument("--no-gateway", action="store_true", help="measure the simulator alone")
     parser.add_argument(
@@ -781,7 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"{os.cpu_count()} CPUs; not pinned"
         )
         + (f"; niceness {args.nice}" if args.nice else "")
-        + "".join(f"; gateway {setting}" for setting in args.gateway_env),
+        + "".join(f"; gateway {setting}" for setting in args.gateway_env)
+        + (f"; each figure the median of {args.repeat} interleaved runs" if args.repeat > 1 else ""),
     )
     print(f"# bench-gateway {report.started_utc}; load average {report.load_before}; {report.cpus}", flush=True)
 
@@ -878,6 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(python3 -m uv pip install --python .venv/bin/python vllm-router)"
                     )
 
+                runs: list[Point] = []  # the repeats of the current point
                 for workload in workloads:
                     sim_url = sim_urls[workload.model]
                     check_once(f"{sim_url}/v1/chat/completions", workload)
@@ -889,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     loads = [Load(c) for c in args.concurrency]
                     if workload.paced_rps and not args.no_paced:
                         loads.append(Load(TARGET_CONCURRENCY, workload.paced_rps))
-                    for load in loads:
+                    for load, _ in ((load, rep) for load in loads for rep in range(args.repeat)):
                         direct = measure(
                             f"{sim_url}/v1/chat/completions",
                             workload,
@@ -939,8 +948,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     gateway_cpu,
                                     sim_pids,
                                 )
-                        report.points.append(point)
+                        runs.append(point)
                         print(_progress(point), flush=True)
+                        if len(runs) == args.repeat:
+                            report.points.append(median_point(runs))
+                            runs = []
                 if gateway_pid and args.profile:
                     for workload in workloads:
                         profiles.append(
@@ -976,6 +988,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return 0
+
+
+def median_measurement(runs: Sequence[Measurement]) -> Measurement:
+    """Each figure the median of its runs (one run: itself)."""
+    if len(runs) == 1:
+        return runs[0]
+    values: dict[str, object] = {}
+    for f in fields(Measurement):
+        got = [getattr(m, f.name) for m in runs if getattr(m, f.name) is not None]
+        values[f.name] = statistics.median(got) if got else None
+    values["errors"] = sum(m.errors for m in runs)  # every error of every run counts
+    # CPU per request: the median of the ratios, not a ratio of medians.
+    per_request = [m.gateway_cpu_s / m.requests for m in runs if m.gateway_cpu_s is not None and m.requests]
+    if per_request:
+        values["gateway_cpu_s"] = statistics.median(per_request) * float(values["requests"])  # type: ignore[arg-type]
+    return Measurement(**values)  # type: ignore[arg-type]
+
+
+def median_point(runs: Sequence[Point]) -> Point:
+    """The repeats of one point (interleaved: direct, gateway, peers, then again) as one, by medians."""
+    first = runs[0]
+    point = Point(first.workload, first.load, median_measurement([r.direct for r in runs]))
+    if first.through is not None:
+        point.through = median_measurement([r.through for r in runs if r.through is not None])
+    for name in first.peers:
+        point.peers[name] = median_measurement([r.peers[name] for r in runs if name in r.peers])
+    return point
 
 
 def _progress(point: Point) -> str:
