@@ -115,6 +115,7 @@ class _Exchange:
         "disconnected",
         "splice",
         "task",
+        "watch_by_timer",
         "watcher",
         "watching",
     )
@@ -127,6 +128,7 @@ class _Exchange:
             extensions.get(CLIENT_LOST_EXTENSION) if extensions else None
         )
         self.answer: Answer | None = extensions.get(ANSWER_EXTENSION) if extensions else None
+        self.watch_by_timer = self._client_lost is None  # no callback from the server: a timer and a task
         self.disconnected = False
         self.watching = False
         self.watcher: asyncio.Task[None] | None = None
@@ -143,10 +145,6 @@ class _Exchange:
         assert timers is not None
         self._receive = receive
         self._timer = timers.call_later(self._watch)
-
-    @property
-    def watch_by_timer(self) -> bool:
-        return self._client_lost is None
 
     def _watch(self) -> None:
         self._timer = None
@@ -292,25 +290,28 @@ class ProxyEndpoint:
                     elif name == b"x-session-id":
                         session_id = value.decode("latin-1")
                     elif name == b"content-type":
-                        content_type = value.decode("latin-1")
+                        content_type = value
                     elif name in _FORWARDED_REQUEST_HEADERS:
                         forwarded[name.decode()] = value.decode("latin-1")
+                content_type_text = None
                 if self.kind == MULTIPART_BODY and content_type is not None:
-                    forwarded["Content-Type"] = content_type  # the boundary must reach vLLM
-                key = runtime.authenticate(authorization)
+                    content_type_text = content_type.decode("latin-1")
+                    forwarded["Content-Type"] = content_type_text  # the boundary must reach vLLM
+                key = runtime.authenticate(authorization) if runtime.keys is not None else None
                 limit = runtime.settings.max_body_bytes
                 if content_length > limit:
                     raise errors.body_too_large(limit)
                 body = await _read_body(receive, limit)
-                parsed = parse_request(self.kind, body, content_type)
-                route = runtime.table.get(parsed.model)
+                parsed = parse_request(self.kind, body, content_type_text)
+                route = runtime.table.routes.get(parsed.model)
                 if route is None:
                     if not runtime.loaded:
                         raise errors.routes_not_loaded(runtime.settings.retry_after_seconds)
                     names = runtime.table.model_names()
                     raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
                 model_label = route.name
-                runtime.admit(key, route.name)
+                if key is not None:
+                    runtime.admit(key, route.name)
                 timers = self._watch_timers
                 if timers is None and exchange.watch_by_timer:
                     # The task's loop, not a lookup (each one is a getpid system call in 3.11).

@@ -388,7 +388,10 @@ class _CoalescingCycle(RequestResponseCycle):
                 self.scope["http_version"],
                 status,
             )
-        parts = [STATUS_LINE[status], _default_lines(self.default_headers)]
+        cached, default_lines = _default_cache
+        if cached is not self.default_headers:
+            default_lines = _default_lines(self.default_headers)
+        parts = [STATUS_LINE[status], default_lines]
         close_sent = False
         checked_lines = _checked_lines
         for raw_name, value in headers:
