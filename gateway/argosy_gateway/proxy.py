@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -115,7 +115,6 @@ class _Exchange:
         "disconnected",
         "splice",
         "task",
-        "watch_by_timer",
         "watcher",
         "watching",
     )
@@ -128,23 +127,21 @@ class _Exchange:
             extensions.get(CLIENT_LOST_EXTENSION) if extensions else None
         )
         self.answer: Answer | None = extensions.get(ANSWER_EXTENSION) if extensions else None
-        self.watch_by_timer = self._client_lost is None  # no callback from the server: a timer and a task
         self.disconnected = False
         self.watching = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: Deadline | None = None
         self._receive: Receive | None = None
 
-    def watch_soon(self, timers: FixedDelay | None, receive: Receive) -> None:
-        """Watch for a disconnect: the server's callback, or a task unless the exchange is over
-        within ``timers.delay``."""
+    def watch_soon(self, timers: Callable[[], FixedDelay], receive: Receive) -> None:
+        """Watch for a disconnect: the server's callback, or (without one) a task unless the
+        exchange is over within the delay of ``timers()``."""
         self.watching = True
         if self._client_lost is not None:
             self._client_lost(self.client_gone)
             return
-        assert timers is not None
         self._receive = receive
-        self._timer = timers.call_later(self._watch)
+        self._timer = timers().call_later(self._watch)
 
     def _watch(self) -> None:
         self._timer = None
@@ -231,12 +228,23 @@ def _no_write(data: bytes) -> None:
 
 async def send_error(send: Send, error: GatewayError, answer: Answer | None = None) -> None:
     body = error.body()
+    if (pending := _respond(send, answer, error.status, error.headers(len(body)), body)) is not None:
+        await pending
+
+
+def _respond(
+    send: Send, answer: Answer | None, status: int, headers: Headers, body: bytes
+) -> Coroutine[Any, Any, None] | None:
+    """A whole response: sent now with the server's argosy.answer (None returned, nothing to
+    await), else the coroutine that sends it as two ASGI messages."""
     if answer is not None:
-        answer(error.status, error.headers(len(body)), body)
-        return
-    await send(
-        {"type": "http.response.start", "status": error.status, "headers": error.headers(len(body)), BODY_NEXT: True}
-    )
+        answer(status, headers, body)
+        return None
+    return _send_start_and_body(send, status, headers, body)
+
+
+async def _send_start_and_body(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers, BODY_NEXT: True})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -312,11 +320,7 @@ class ProxyEndpoint:
                 model_label = route.name
                 if key is not None:
                     runtime.admit(key, route.name)
-                timers = self._watch_timers
-                if timers is None and exchange.watch_by_timer:
-                    # The task's loop, not a lookup (each one is a getpid system call in 3.11).
-                    timers = self._watch_timers = FixedDelay(task.get_loop(), _WATCH_AFTER_SECONDS, _WATCH_RESOLUTION)
-                exchange.watch_soon(timers, receive)
+                exchange.watch_soon(self._watch_delay, receive)
                 if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
                     route = await runtime.wake.ready_route(route)
                 status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
@@ -381,6 +385,12 @@ class ProxyEndpoint:
                 retries_left -= 1
                 runtime.metrics.retries.labels(route.name).inc()
                 log.info("retrying %s on another endpoint after %s from %s", route.name, failed.reason, endpoint)
+
+    def _watch_delay(self) -> FixedDelay:
+        """The shared 50 ms deadlines before a disconnect watcher starts (servers without argosy.client_lost)."""
+        if self._watch_timers is None:
+            self._watch_timers = FixedDelay(asyncio.get_running_loop(), _WATCH_AFTER_SECONDS, _WATCH_RESOLUTION)
+        return self._watch_timers
 
     def _failure(self, model: str, endpoint: str, reason: str) -> None:
         runtime = self.runtime
@@ -472,13 +482,8 @@ class ProxyEndpoint:
             if not is_stream:
                 response_headers.append((b"content-length", b"%d" % len(first)))
                 exchange.stop_watching()
-                if exchange.answer is not None:
-                    exchange.answer(status, response_headers, first)
-                else:
-                    await send(
-                        {"type": "http.response.start", "status": status, "headers": response_headers, BODY_NEXT: True}
-                    )
-                    await send({"type": "http.response.body", "body": first})
+                if (pending := _respond(send, exchange.answer, status, response_headers, first)) is not None:
+                    await pending
                 runtime.metrics.first_byte(model, perf_counter() - started)
                 if status == 200:
                     runtime.metrics.usage(model, *extract_usage(first[-2048:]))
@@ -605,11 +610,8 @@ async def _retryable_answer(response: UpstreamResponse, address: bytes) -> tuple
 
 async def _send_answer(send: Send, exchange: _Exchange, status: int, headers: Headers, body: bytes) -> int:
     exchange.stop_watching()
-    if exchange.answer is not None:
-        exchange.answer(status, headers, body)
-        return status
-    await send({"type": "http.response.start", "status": status, "headers": headers, BODY_NEXT: True})
-    await send({"type": "http.response.body", "body": body})
+    if (pending := _respond(send, exchange.answer, status, headers, body)) is not None:
+        await pending
     return status
 
 

@@ -18,7 +18,7 @@ when the client's socket buffer fills and drains and when the client goes away; 
 None hands the response back to ``send``, whose last message ends it as usual. The proxy uses it
 to pass a model server's stream on without a coroutine and a task wake-up per chunk.
 
-Two more shortcuts, both for the proxy paths:
+Three more shortcuts, all for the proxy paths:
 
 - **Direct routes.** An app may carry ``direct_routes`` (``DIRECT_ROUTES_ATTRIBUTE``): exact
   raw paths (bytes) to ASGI callables for POST requests. A POST whose request target is one of
@@ -91,11 +91,8 @@ _checked_lines: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
 
 
 def _header_line(raw_name: bytes, value: bytes) -> tuple[bytes, int]:
-    """One response header's line and framing kind; raises for an invalid name or value."""
-    key = (raw_name, value)
-    checked = _checked_lines.get(key)
-    if checked is not None:
-        return checked
+    """A response header not in ``_checked_lines`` yet: checked (raises for an invalid name or
+    value), its line and framing kind remembered."""
     if HEADER_RE.search(raw_name):
         raise RuntimeError("Invalid HTTP header name.")
     if HEADER_VALUE_RE.search(value):
@@ -111,7 +108,7 @@ def _header_line(raw_name: bytes, value: bytes) -> tuple[bytes, int]:
     checked = (b"%b: %b\r\n" % (name, value), kind)
     if len(_checked_lines) >= _MAX_CACHED_LINES:
         _checked_lines.clear()
-    _checked_lines[key] = checked
+    _checked_lines[(raw_name, value)] = checked
     return checked
 
 
@@ -145,6 +142,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     splice: SpliceListener | None = None  # the current cycle's, while its body is spliced
     client_lost_callback: Callable[[], object] | None = None  # the current cycle's (argosy.client_lost)
     _direct_routes: dict[bytes, Any] | None = None
+    _idle_since = 0.0
+    _idle_cycle: object = None  # the cycle whose end started the idle time
+    _keep_alive_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -179,9 +179,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         else:
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))
-    _idle_since = 0.0
-    _idle_cycle: object = None  # the cycle whose end started the idle time
-    _keep_alive_timer: asyncio.TimerHandle | None = None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Every cycle (pipelined ones too) starts here, before its task first runs.
@@ -436,9 +433,6 @@ class _Signal:
 
     def clear(self) -> None:
         self.flag = False
-
-    def is_set(self) -> bool:
-        return self.flag
 
     def wait(self) -> asyncio.Future[None]:
         """An awaitable that is done once the signal is set."""
