@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from time import monotonic, perf_counter
 from typing import Any
 
@@ -22,7 +22,7 @@ from argosy_gateway.metrics import UNKNOWN_MODEL
 from argosy_gateway.parsing import MULTIPART_BODY, ParsedRequest, parse_request, prompt_prefix
 from argosy_gateway.routetable import DEFAULT_POLICY, ModelRoute, endpoint_address
 from argosy_gateway.runtime import GatewayRuntime
-from argosy_gateway.server import ANSWER_EXTENSION, BODY_NEXT, CLIENT_LOST_EXTENSION, SPLICE_EXTENSION
+from argosy_gateway.server import ANSWER_EXTENSION, BODY_NEXT, CLIENT_LOST_EXTENSION, SPLICE_EXTENSION, DirectCycle
 from argosy_gateway.upstream import UpstreamConnectError, UpstreamError, UpstreamResponse
 from argosy_gateway.usage import extract_usage
 
@@ -105,7 +105,8 @@ _WATCH_RESOLUTION = 0.01
 
 
 class _Exchange:
-    """Per-request bookkeeping shared with the disconnect watcher."""
+    """One request's bookkeeping: its outcome for the metrics, the server's extensions, and
+    the watch for the client going away."""
 
     __slots__ = (
         "_client_lost",
@@ -113,25 +114,49 @@ class _Exchange:
         "_timer",
         "answer",
         "disconnected",
+        "model",
         "splice",
+        "started",
+        "status",
         "task",
         "watcher",
         "watching",
     )
 
-    def __init__(self, task: asyncio.Task[Any], extensions: dict[str, Any] | None) -> None:
-        self.task = task
-        # The server's argosy.splice and argosy.client_lost extensions, when it offers them.
-        self.splice: Splice | None = extensions.get(SPLICE_EXTENSION) if extensions else None
-        self._client_lost: Callable[[Any], None] | None = (
-            extensions.get(CLIENT_LOST_EXTENSION) if extensions else None
-        )
-        self.answer: Answer | None = extensions.get(ANSWER_EXTENSION) if extensions else None
+    def __init__(
+        self,
+        task: asyncio.Task[Any] | None,
+        answer: Answer | None,
+        splice: Splice | None,
+        client_lost: Callable[[Any], None] | None,
+        started: float,
+    ) -> None:
+        self.task = task  # None until a request answered without a task is handed to one
+        # The server's argosy.answer, argosy.splice and argosy.client_lost, when it offers them.
+        self.answer = answer
+        self.splice = splice
+        self._client_lost = client_lost
+        self.started = started
+        self.model = UNKNOWN_MODEL
+        self.status = 500
         self.disconnected = False
         self.watching = False
         self.watcher: asyncio.Task[None] | None = None
         self._timer: Deadline | None = None
         self._receive: Receive | None = None
+
+    @classmethod
+    def of_scope(cls, task: asyncio.Task[Any], scope: Scope, started: float) -> _Exchange:
+        extensions = scope.get("extensions")
+        if not extensions:
+            return cls(task, None, None, None, started)
+        return cls(
+            task,
+            extensions.get(ANSWER_EXTENSION),
+            extensions.get(SPLICE_EXTENSION),
+            extensions.get(CLIENT_LOST_EXTENSION),
+            started,
+        )
 
     def watch_soon(self, timers: Callable[[], FixedDelay], receive: Receive) -> None:
         """Watch for a disconnect: the server's callback, or (without one) a task unless the
@@ -152,6 +177,7 @@ class _Exchange:
         """The client disconnected: the request's task ends with a 499 (once, whoever saw it first)."""
         if not self.disconnected:
             self.disconnected = True
+            assert self.task is not None
             self.task.cancel()
 
     def stop_watching(self) -> None:
@@ -254,6 +280,12 @@ class ProxyEndpoint:
     ``kind`` is the body format (parsing.JSON_BODY or MULTIPART_BODY). ``on_answer``, when
     set, sees the model, the endpoint and the first bytes of every 200 answer (the Responses API uses
     it to remember which replica stored a response).
+
+    Served by the gateway's protocol, a request to it usually takes ``run_now`` instead of the
+    ASGI call: it is parsed, routed and written to the model server from the protocol's
+    callback, and a whole non-streamed answer is passed back from the upstream connection's
+    (``_Answering``), with no task. Whatever needs to wait otherwise (a model to wake, a new
+    upstream connection, a stream, a retry) goes on in a task, from where it got to.
     """
 
     def __init__(
@@ -273,10 +305,87 @@ class ProxyEndpoint:
         self._is_stream: dict[bytes, bool] = {}  # content type -> is it an event stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = _Exchange.of_scope(self._current_task(), scope, perf_counter())
+        await self._guarded(exchange, send, self._serve(exchange, scope, receive, send))
+
+    def run_now(self, cycle: DirectCycle) -> None:
+        """The server's direct route (server.RUN_NOW_ATTRIBUTE): the request of ``cycle``, its
+        body complete, taken as far as it goes without waiting, from the protocol's callback."""
         runtime = self.runtime
-        started = perf_counter()
-        model_label = UNKNOWN_MODEL
-        status = 500
+        exchange = _Exchange(None, cycle.answer, cycle.splice, cycle.client_lost, perf_counter())
+        endpoint = None
+        try:
+            content_length, authorization, session_id, content_type_text, forwarded = self._request_head(cycle.scope)
+            key = runtime.authenticate(authorization) if runtime.keys is not None else None
+            limit = runtime.settings.max_body_bytes
+            if content_length > limit:
+                raise errors.body_too_large(limit)
+            body = cycle.take_body()
+            if len(body) > limit:
+                raise errors.body_too_large(limit)
+            route, parsed = self._route_of(exchange, key, body, content_type_text)
+            if route.endpoints and route.name not in runtime.wake.waking:
+                policy, affinity = self._policy(route, parsed, session_id)
+                endpoint = policy.choose(
+                    route.name, runtime.health.usable(route.endpoints, monotonic()), runtime.outstanding, affinity
+                )
+                response = runtime.upstream.post_now(
+                    endpoint,
+                    self.path,
+                    body,
+                    runtime.table.upstream_headers(endpoint, forwarded),
+                    runtime.settings.first_byte_timeout_seconds,
+                )
+                if response is not None:
+                    in_flight = self._enter(route.name, endpoint)
+                    answering = _Answering(self, cycle, exchange, route, parsed, body, forwarded, session_id)
+                    answering.started(endpoint, response, in_flight)
+                    return
+        except GatewayError as error:
+            exchange.status = error.status
+            error_body = error.body()
+            cycle.answer(error.status, error.headers(len(error_body)), error_body)
+            runtime.metrics.request_done(exchange.model, exchange.status, perf_counter() - exchange.started)
+            return
+        except UpstreamError:
+            pass  # a bad endpoint address or header value: the task's attempt reports it
+        except Exception:
+            log.exception("unexpected error while proxying %s", self.path)
+            self._internal_error_now(cycle, exchange)
+            return
+        self._hand_over(cycle, exchange, route, parsed, body, forwarded, session_id, endpoint, None)
+
+    def _hand_over(
+        self,
+        cycle: DirectCycle,
+        exchange: _Exchange,
+        route: ModelRoute,
+        parsed: ParsedRequest,
+        body: bytes,
+        forwarded: dict[str, str],
+        session_id: str | None,
+        endpoint: str | None,
+        sent: tuple[UpstreamResponse, tuple[str, str]] | None,
+    ) -> None:
+        """The rest of a request begun in ``run_now`` in a task (the server's ASGI cycle)."""
+
+        async def rest(scope: Scope, receive: Receive, send: Send) -> None:
+            exchange.task = self._current_task()
+            work = self._proceed(exchange, receive, send, route, parsed, body, forwarded, session_id, endpoint, sent)
+            await self._guarded(exchange, send, work)
+
+        cycle.hand_over(rest)
+
+    def _internal_error_now(self, cycle: DirectCycle, exchange: _Exchange) -> None:
+        """A bug seen in ``run_now`` or its callbacks (logged by the caller): a 500, if it can still be sent."""
+        exchange.status = 500
+        error = GatewayError(500, "Internal gateway error.", error_type="server_error")
+        body = error.body()
+        with contextlib.suppress(Exception):  # the response may already have started
+            cycle.answer(500, error.headers(len(body)), body)
+        self.runtime.metrics.request_done(exchange.model, 500, perf_counter() - exchange.started)
+
+    def _current_task(self) -> asyncio.Task[Any]:
         loop = self._loop
         # With the loop, current_task looks up no running loop (a getpid system call in 3.11).
         task = asyncio.current_task(loop) if loop is not None else None
@@ -284,69 +393,121 @@ class ProxyEndpoint:
             loop = self._loop = asyncio.get_running_loop()
             task = asyncio.current_task(loop)
         assert task is not None
-        exchange = _Exchange(task, scope.get("extensions"))
+        return task
+
+    def _request_head(
+        self, scope: Mapping[str, Any]
+    ) -> tuple[int, bytes | None, str | None, str | None, dict[str, str]]:
+        """(content length or -1, authorization, session id, multipart content type, headers to forward)."""
+        content_length = -1
+        authorization = session_id = content_type = None
+        forwarded: dict[str, str] = {"Content-Type": "application/json"}
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"x-session-id":
+                session_id = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value
+            elif name in _FORWARDED_REQUEST_HEADERS:
+                forwarded[name.decode()] = value.decode("latin-1")
+        content_type_text = None
+        if self.kind == MULTIPART_BODY and content_type is not None:
+            content_type_text = content_type.decode("latin-1")
+            forwarded["Content-Type"] = content_type_text  # the boundary must reach vLLM
+        return content_length, authorization, session_id, content_type_text, forwarded
+
+    def _route_of(
+        self, exchange: _Exchange, key: Any, body: bytes, content_type_text: str | None
+    ) -> tuple[ModelRoute, ParsedRequest]:
+        """The parsed request and its model's route, admitted for ``key``; raises GatewayError."""
+        runtime = self.runtime
+        parsed = parse_request(self.kind, body, content_type_text)
+        route = runtime.table.routes.get(parsed.model)
+        if route is None:
+            if not runtime.loaded:
+                raise errors.routes_not_loaded(runtime.settings.retry_after_seconds)
+            names = runtime.table.model_names()
+            raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
+        exchange.model = route.name
+        if key is not None:
+            runtime.admit(key, route.name)
+        return route, parsed
+
+    async def _serve(self, exchange: _Exchange, scope: Scope, receive: Receive, send: Send) -> int:
+        runtime = self.runtime
+        content_length, authorization, session_id, content_type_text, forwarded = self._request_head(scope)
+        key = runtime.authenticate(authorization) if runtime.keys is not None else None
+        limit = runtime.settings.max_body_bytes
+        if content_length > limit:
+            raise errors.body_too_large(limit)
+        body = await _read_body(receive, limit)
+        route, parsed = self._route_of(exchange, key, body, content_type_text)
+        return await self._proceed(exchange, receive, send, route, parsed, body, forwarded, session_id)
+
+    async def _proceed(
+        self,
+        exchange: _Exchange,
+        receive: Receive,
+        send: Send,
+        route: ModelRoute,
+        parsed: ParsedRequest,
+        body: bytes,
+        forwarded: dict[str, str],
+        session_id: str | None,
+        endpoint: str | None = None,
+        sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
+    ) -> int:
+        """An admitted request from its routing on (``endpoint`` chosen already, ``sent`` to it)."""
+        runtime = self.runtime
+        exchange.watch_soon(self._watch_delay, receive)
+        if endpoint is None and (not route.endpoints or route.name in runtime.wake.waking):  # wake and wait, or 503
+            route = await runtime.wake.ready_route(route)
+        return await self._forward(send, exchange, route, parsed, body, forwarded, session_id, endpoint, sent)
+
+    async def _guarded(self, exchange: _Exchange, send: Send, work: Coroutine[Any, Any, int]) -> None:
+        """Await ``work`` (which answers and returns the status); every way it can end answered and counted."""
+        runtime = self.runtime
         try:
             try:
-                content_length = -1
-                authorization = session_id = content_type = None
-                forwarded: dict[str, str] = {"Content-Type": "application/json"}
-                for name, value in scope["headers"]:
-                    if name == b"content-length":
-                        content_length = int(value) if value.isdigit() else -1
-                    elif name == b"authorization":
-                        authorization = value
-                    elif name == b"x-session-id":
-                        session_id = value.decode("latin-1")
-                    elif name == b"content-type":
-                        content_type = value
-                    elif name in _FORWARDED_REQUEST_HEADERS:
-                        forwarded[name.decode()] = value.decode("latin-1")
-                content_type_text = None
-                if self.kind == MULTIPART_BODY and content_type is not None:
-                    content_type_text = content_type.decode("latin-1")
-                    forwarded["Content-Type"] = content_type_text  # the boundary must reach vLLM
-                key = runtime.authenticate(authorization) if runtime.keys is not None else None
-                limit = runtime.settings.max_body_bytes
-                if content_length > limit:
-                    raise errors.body_too_large(limit)
-                body = await _read_body(receive, limit)
-                parsed = parse_request(self.kind, body, content_type_text)
-                route = runtime.table.routes.get(parsed.model)
-                if route is None:
-                    if not runtime.loaded:
-                        raise errors.routes_not_loaded(runtime.settings.retry_after_seconds)
-                    names = runtime.table.model_names()
-                    raise errors.model_not_found(parsed.model, [n for n in names if key is None or key.allows(n)])
-                model_label = route.name
-                if key is not None:
-                    runtime.admit(key, route.name)
-                exchange.watch_soon(self._watch_delay, receive)
-                if not route.endpoints or route.name in runtime.wake.waking:  # wake and wait, or 503
-                    route = await runtime.wake.ready_route(route)
-                status = await self._forward(send, exchange, route, parsed, body, forwarded, session_id, started)
+                exchange.status = await work
             except GatewayError as error:
-                status = error.status
+                exchange.status = error.status
                 exchange.stop_watching()
                 await send_error(send, error, exchange.answer)
             except _ClientGone:
-                status = STATUS_CLIENT_CLOSED
+                exchange.status = STATUS_CLIENT_CLOSED
         except asyncio.CancelledError:
             if not exchange.disconnected:
                 raise
-            task.uncancel()
-            status = STATUS_CLIENT_CLOSED
-            runtime.metrics.client_disconnects.labels(model_label).inc()
+            assert exchange.task is not None
+            exchange.task.uncancel()
+            exchange.status = STATUS_CLIENT_CLOSED
+            runtime.metrics.client_disconnects.labels(exchange.model).inc()
         except Exception:
             # A bug, never a client's doing: log it and answer a well-formed 500.
             log.exception("unexpected error while proxying %s", self.path)
             exchange.stop_watching()
-            status = 500
+            exchange.status = 500
             with contextlib.suppress(Exception):  # the response may already have started
                 await send_error(send, GatewayError(500, "Internal gateway error.", error_type="server_error"))
         finally:
             if exchange.watching:
                 exchange.stop_watching()
-            runtime.metrics.request_done(model_label, status, perf_counter() - started)
+            runtime.metrics.request_done(exchange.model, exchange.status, perf_counter() - exchange.started)
+
+    def _policy(self, route: ModelRoute, parsed: ParsedRequest, session_id: str | None) -> tuple[Any, str | None]:
+        """The route's routing policy and the request's affinity key for it."""
+        runtime = self.runtime
+        policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
+        affinity: str | None = None
+        if policy.needs == "prefix":
+            affinity = prompt_prefix(parsed.body, runtime.settings.prefix_chars)
+        elif policy.needs == "session":
+            affinity = session_id or parsed.user
+        return policy, affinity
 
     async def _forward(
         self,
@@ -357,24 +518,23 @@ class ProxyEndpoint:
         body: bytes,
         headers: dict[str, str],
         session_id: str | None,
-        started: float,
+        endpoint: str | None = None,
+        sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
         runtime = self.runtime
-        policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
-        affinity: str | None = None
-        if policy.needs == "prefix":
-            affinity = prompt_prefix(parsed.body, runtime.settings.prefix_chars)
-        elif policy.needs == "session":
-            affinity = session_id or parsed.user
+        policy, affinity = self._policy(route, parsed, session_id)
         tried: list[str] = []
         retries_left = runtime.settings.retries
         while True:
-            candidates = runtime.health.usable(route.endpoints, monotonic())
-            if tried:
-                candidates = [e for e in candidates if e not in tried] or [e for e in route.endpoints if e not in tried]
-            endpoint = policy.choose(route.name, candidates, runtime.outstanding, affinity)
+            if endpoint is None:
+                candidates = runtime.health.usable(route.endpoints, monotonic())
+                if tried:
+                    candidates = [e for e in candidates if e not in tried] or [
+                        e for e in route.endpoints if e not in tried
+                    ]
+                endpoint = policy.choose(route.name, candidates, runtime.outstanding, affinity)
             try:
-                return await self._attempt(send, exchange, route.name, endpoint, body, headers, started)
+                return await self._attempt(send, exchange, route.name, endpoint, body, headers, sent)
             except _Attempt as failed:
                 tried.append(endpoint)
                 more = any(e not in tried for e in route.endpoints)
@@ -385,6 +545,7 @@ class ProxyEndpoint:
                 retries_left -= 1
                 runtime.metrics.retries.labels(route.name).inc()
                 log.info("retrying %s on another endpoint after %s from %s", route.name, failed.reason, endpoint)
+                endpoint = sent = None
 
     def _watch_delay(self) -> FixedDelay:
         """The shared 50 ms deadlines before a disconnect watcher starts (servers without argosy.client_lost)."""
@@ -404,6 +565,60 @@ class ProxyEndpoint:
                 runtime.settings.eject_after_failures,
             )
 
+    def _enter(self, model: str, endpoint: str) -> tuple[str, str]:
+        """Count an attempt in flight to ``endpoint`` (for the policies and the metrics); see ``_leave``."""
+        runtime = self.runtime
+        runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
+        return runtime.metrics.started(model, self._address(endpoint).decode())
+
+    def _leave(self, endpoint: str, in_flight: tuple[str, str]) -> None:
+        runtime = self.runtime
+        count = runtime.outstanding.get(endpoint, 1) - 1
+        if count > 0:
+            runtime.outstanding[endpoint] = count
+        else:
+            runtime.outstanding.pop(endpoint, None)
+        runtime.metrics.finished(in_flight)
+
+    def is_stream(self, content_type: bytes) -> bool:
+        is_stream = self._is_stream.get(content_type)
+        if is_stream is None:
+            is_stream = content_type.split(b";", 1)[0].strip().lower() == _EVENT_STREAM
+            if len(self._is_stream) < 256:
+                self._is_stream[content_type] = is_stream
+        return is_stream
+
+    def answered(
+        self,
+        exchange: _Exchange,
+        send: Send,
+        endpoint: str,
+        status: int,
+        content_type: bytes,
+        response: UpstreamResponse,
+        body: bytes,
+    ) -> Coroutine[Any, Any, None] | None:
+        """A whole answer from the model server passed on (see ``_respond`` for the result) and counted."""
+        runtime = self.runtime
+        model = exchange.model
+        runtime.health.record_success(endpoint)
+        if self.on_answer is not None and status == 200:
+            self.on_answer(model, endpoint, body)
+        headers = self._answer_headers(endpoint, content_type, response)
+        headers.append((b"content-length", b"%d" % len(body)))
+        exchange.stop_watching()
+        runtime.metrics.first_byte(model, perf_counter() - exchange.started)
+        if status == 200:
+            runtime.metrics.usage(model, *extract_usage(body[-2048:]))
+        return _respond(send, exchange.answer, status, headers, body)
+
+    def _answer_headers(self, endpoint: str, content_type: bytes, response: UpstreamResponse) -> Headers:
+        headers = [(b"content-type", content_type), (b"x-argosy-endpoint", self._address(endpoint))]
+        encoding = response.raw_header(b"content-encoding")
+        if encoding is not None:
+            headers.append((b"content-encoding", encoding))
+        return headers
+
     async def _attempt(
         self,
         send: Send,
@@ -412,25 +627,31 @@ class ProxyEndpoint:
         endpoint: str,
         body: bytes,
         headers: dict[str, str],
-        started: float,
+        sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
+        """One try on ``endpoint``; ``sent``: the response and in-flight count of a try begun already."""
         runtime = self.runtime
         settings = runtime.settings
         address = self._address(endpoint)
-        runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
-        in_flight = runtime.metrics.started(model, address.decode())
-        response: UpstreamResponse | None = None
+        response: UpstreamResponse | None
+        if sent is None:
+            response, in_flight = None, self._enter(model, endpoint)
+        else:
+            response, in_flight = sent
         clean = False
         try:
             try:
-                # The first-byte deadline is one timer in the client, armed when the request is sent.
-                response = await runtime.upstream.post(
-                    endpoint,
-                    self.path,
-                    body,
-                    runtime.table.upstream_headers(endpoint, headers),
-                    settings.first_byte_timeout_seconds,
-                )
+                if response is None:
+                    # The first-byte deadline is one timer in the client, armed when the request is sent.
+                    response = await runtime.upstream.post(
+                        endpoint,
+                        self.path,
+                        body,
+                        runtime.table.upstream_headers(endpoint, headers),
+                        settings.first_byte_timeout_seconds,
+                    )
+                elif response.failure is not None:
+                    raise response.failure  # the try begun already failed (a timeout, a broken connection)
                 status = response.status
                 if status in _RETRYABLE_STATUSES:
                     self._failure(model, endpoint, f"status_{status}")
@@ -441,11 +662,7 @@ class ProxyEndpoint:
                         answer=await _retryable_answer(response, address),
                     )
                 content_type = response.raw_header(b"content-type") or _JSON
-                is_stream = self._is_stream.get(content_type)
-                if is_stream is None:
-                    is_stream = content_type.split(b";", 1)[0].strip().lower() == _EVENT_STREAM
-                    if len(self._is_stream) < 256:
-                        self._is_stream[content_type] = is_stream
+                is_stream = self.is_stream(content_type)
                 if is_stream:
                     first = await response.read_chunk()
                 else:
@@ -472,29 +689,22 @@ class ProxyEndpoint:
                     True,
                 ) from None
 
-            runtime.health.record_success(endpoint)
-            if self.on_answer is not None and status == 200:
-                self.on_answer(model, endpoint, first)
-            response_headers = [(b"content-type", content_type), (b"x-argosy-endpoint", address)]
-            encoding = response.raw_header(b"content-encoding")
-            if encoding is not None:
-                response_headers.append((b"content-encoding", encoding))
             if not is_stream:
-                response_headers.append((b"content-length", b"%d" % len(first)))
-                exchange.stop_watching()
-                if (pending := _respond(send, exchange.answer, status, response_headers, first)) is not None:
+                pending = self.answered(exchange, send, endpoint, status, content_type, response, first)
+                if pending is not None:
                     await pending
-                runtime.metrics.first_byte(model, perf_counter() - started)
-                if status == 200:
-                    runtime.metrics.usage(model, *extract_usage(first[-2048:]))
                 clean = True
                 return status
 
+            runtime.health.record_success(endpoint)
+            if self.on_answer is not None and status == 200:
+                self.on_answer(model, endpoint, first)
+            response_headers = self._answer_headers(endpoint, content_type, response)
             response_headers.append((b"cache-control", b"no-cache"))
             await send({"type": "http.response.start", "status": status, "headers": response_headers})
             if first:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
-                runtime.metrics.first_byte(model, perf_counter() - started)
+                runtime.metrics.first_byte(model, perf_counter() - exchange.started)
             chunk_timeout = settings.chunk_timeout_seconds
             loop = asyncio.get_running_loop()
             watchdog = _SilenceWatchdog(loop, chunk_timeout, response)
@@ -521,12 +731,7 @@ class ProxyEndpoint:
                 runtime.metrics.usage(model, *extract_usage((previous + last)[-4096:]))
             return status
         finally:
-            count = runtime.outstanding.get(endpoint, 1) - 1
-            if count > 0:
-                runtime.outstanding[endpoint] = count
-            else:
-                runtime.outstanding.pop(endpoint, None)
-            runtime.metrics.finished(in_flight)
+            self._leave(endpoint, in_flight)
             if response is not None:
                 if clean:
                     response.release()
@@ -542,6 +747,127 @@ class ProxyEndpoint:
                 self._addresses.clear()
             address = self._addresses[endpoint] = endpoint_address(endpoint).encode()
         return address
+
+
+class _Answering:
+    """A request of ``ProxyEndpoint.run_now`` written to a model server: its answer awaited in
+    the upstream connection's callbacks (``UpstreamResponse.listen``), not in a task.
+
+    A whole non-streamed answer goes back to the client from the callback that completed it;
+    a stream, a 502/503 or a failure hands the request to a task that goes on with this try
+    (``ProxyEndpoint._attempt`` with the response). A client that goes away first closes the
+    upstream connection (the model server aborts the request) and is counted as a 499.
+    """
+
+    __slots__ = (
+        "body",
+        "content_type",
+        "cycle",
+        "endpoint",
+        "exchange",
+        "forwarded",
+        "in_flight",
+        "owner",
+        "parsed",
+        "response",
+        "route",
+        "session_id",
+    )
+
+    def __init__(
+        self,
+        owner: ProxyEndpoint,
+        cycle: DirectCycle,
+        exchange: _Exchange,
+        route: ModelRoute,
+        parsed: ParsedRequest,
+        body: bytes,
+        forwarded: dict[str, str],
+        session_id: str | None,
+    ) -> None:
+        self.owner = owner
+        self.cycle = cycle
+        self.exchange = exchange
+        self.route = route
+        self.parsed = parsed
+        self.body = body
+        self.forwarded = forwarded
+        self.session_id = session_id
+        self.content_type: bytes | None = None  # known once the headers were looked at
+
+    def started(self, endpoint: str, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
+        self.endpoint = endpoint
+        self.response = response
+        self.in_flight = in_flight
+        response.listen(self.upstream_event)
+        self.cycle.client_lost(self.client_gone)
+
+    def upstream_event(self) -> None:
+        response = self.response
+        try:
+            if response.failure is not None:
+                return self._hand_over()
+            content_type = self.content_type
+            if content_type is None:  # the headers are in
+                if response.status in _RETRYABLE_STATUSES:
+                    return self._hand_over()
+                content_type = self.content_type = response.raw_header(b"content-type") or _JSON
+                if self.owner.is_stream(content_type):
+                    return self._hand_over()
+            if not response.complete:
+                response.resume_reading()  # the whole body is wanted: no backlog limit
+                return
+            response.listen(None)
+            exchange = self.exchange
+            cycle = self.cycle
+            owner = self.owner
+            status = response.status
+            owner.answered(exchange, cycle.send, self.endpoint, status, content_type, response, response.take_body())
+            owner._leave(self.endpoint, self.in_flight)
+            response.release()
+            exchange.status = status
+            owner.runtime.metrics.request_done(exchange.model, status, perf_counter() - exchange.started)
+        except Exception:
+            self._bug()
+
+    def client_gone(self) -> None:
+        try:
+            response = self.response
+            response.listen(None)
+            response.close()  # the model server sees the connection go and aborts the request
+            owner = self.owner
+            owner._leave(self.endpoint, self.in_flight)
+            exchange = self.exchange
+            exchange.status = STATUS_CLIENT_CLOSED
+            metrics = owner.runtime.metrics
+            metrics.client_disconnects.labels(exchange.model).inc()
+            metrics.request_done(exchange.model, STATUS_CLIENT_CLOSED, perf_counter() - exchange.started)
+        except Exception:
+            log.exception("unexpected error while proxying %s", self.owner.path)
+
+    def _hand_over(self) -> None:
+        self.response.listen(None)
+        self.cycle.client_lost(None)  # the task's exchange watches from now on
+        self.owner._hand_over(
+            self.cycle,
+            self.exchange,
+            self.route,
+            self.parsed,
+            self.body,
+            self.forwarded,
+            self.session_id,
+            self.endpoint,
+            (self.response, self.in_flight),
+        )
+
+    def _bug(self) -> None:
+        log.exception("unexpected error while proxying %s", self.owner.path)
+        response = self.response
+        response.listen(None)
+        self.cycle.client_lost(None)
+        response.close()
+        self.owner._leave(self.endpoint, self.in_flight)
+        self.owner._internal_error_now(self.cycle, self.exchange)
 
 
 async def _relay(

@@ -44,6 +44,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -61,6 +62,9 @@ CLIENT_LOST_EXTENSION = "argosy.client_lost"
 ANSWER_EXTENSION = "argosy.answer"
 DIRECT_ROUTES_ATTRIBUTE = "direct_routes"
 """The app attribute naming its direct routes: {raw path: ASGI callable} for POST requests."""
+RUN_NOW_ATTRIBUTE = "run_now"
+"""A direct route's optional method taking a ``DirectCycle`` once its request body is complete,
+to answer it without a task (see ``DirectCycle``)."""
 BODY_NEXT = "argosy.body_next"
 """A key an application may set on ``http.response.start`` when its next step is the body's
 ``send`` (no await between them): the head then waits for that write, and no flush of it is
@@ -142,6 +146,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     splice: SpliceListener | None = None  # the current cycle's, while its body is spliced
     client_lost_callback: Callable[[], object] | None = None  # the current cycle's (argosy.client_lost)
     _direct_routes: dict[bytes, Any] | None = None
+    _now: tuple[DirectCycle, Any] | None = None  # a direct cycle to run when its body is complete
     _idle_since = 0.0
     _idle_cycle: object = None  # the cycle whose end started the idle time
     _keep_alive_timer: asyncio.TimerHandle | None = None
@@ -173,16 +178,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         scope["raw_path"] = url
         scope["query_string"] = b""
         existing = self.cycle
-        cycle = self.cycle = _DirectCycle(self, scope, http_version != "1.0" and parser.should_keep_alive())
+        cycle = self.cycle = DirectCycle(self, scope, http_version != "1.0" and parser.should_keep_alive())
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, app)
+            if self.expect_100_continue or getattr(app, RUN_NOW_ATTRIBUTE, None) is None:
+                self._start_asgi_task(cycle, app)
+            else:
+                self._now = (cycle, app)  # on_message_complete runs it, or on_body starts a task
         else:
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # Every cycle (pipelined ones too) starts here, before its task first runs.
-        if cycle.__class__ is not _DirectCycle:
+        if cycle.__class__ is not DirectCycle:
             cycle.__class__ = _CoalescingCycle
             cycle.loop = self.loop  # type: ignore[attr-defined]
             cycle.protocol = self  # type: ignore[attr-defined]
@@ -197,6 +205,34 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         else:
             extensions.update(ours)
         super()._start_asgi_task(cycle, app)
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's, and a direct cycle waiting for its whole body gets a task when the body
+        # outgrows the read buffer (reading pauses until the application receives).
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self._start_pending()
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        now = self._now
+        if now is not None:
+            self._now = None
+            cycle, app = now
+            if not cycle.disconnected:
+                app.run_now(cycle)
+
+    def _start_pending(self) -> None:
+        """The direct cycle waiting for its body goes the ASGI way after all."""
+        now = self._now
+        if now is not None:
+            self._now = None
+            self._start_asgi_task(*now)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -215,6 +251,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._keep_alive_timer.cancel()
             self._keep_alive_timer = None
         super().connection_lost(exc)
+        self._start_pending()  # its application sees the disconnect (and counts the request)
         if splice is not None:
             splice.client_lost()
         if lost is not None:
@@ -445,8 +482,16 @@ class _Signal:
         return waiter
 
 
-class _DirectCycle(_CoalescingCycle):
-    """The cycle of a POST to a direct route: set up without uvicorn's URL parsing and event."""
+class DirectCycle(_CoalescingCycle):
+    """The cycle of a POST to a direct route: set up without uvicorn's URL parsing and event.
+
+    For an application with ``run_now`` (``RUN_NOW_ATTRIBUTE``) it is also what that method
+    gets, synchronously, once the whole body has arrived: the ``scope``, ``take_body``, ``answer``,
+    ``client_lost`` and ``splice`` as the scope extensions describe them, and ``hand_over``, which
+    runs an ASGI application in a task for the rest of the request (its ``receive`` gets what
+    ``take_body`` left). Requests with ``Expect: 100-continue``, pipelined ones and bodies larger
+    than uvicorn's read buffer run in a task from the start.
+    """
 
     # uvicorn's RequestResponseCycle sets these per instance; here they start as class defaults
     # and become instance attributes only when a request changes them.
@@ -473,6 +518,15 @@ class _DirectCycle(_CoalescingCycle):
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = protocol.expect_100_continue
         self.body = bytearray()
+
+    def take_body(self) -> bytes:
+        body = bytes(self.body)
+        self.body = bytearray()
+        return body
+
+    def hand_over(self, app: Any) -> None:
+        """Run ``app(scope, receive, send)`` in a task for the rest of this request."""
+        self.protocol._start_asgi_task(self, app)
 
     async def receive(self) -> Any:  # the ASGI receive callable
         if self.waiting_for_100_continue and not self.transport.is_closing():

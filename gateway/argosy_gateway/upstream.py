@@ -59,6 +59,8 @@ class UpstreamBrokenError(UpstreamError):
 
 class UpstreamResponse(Protocol):
     status: int
+    complete: bool  # the whole body has arrived
+    failure: BaseException | None  # what the pending (or next) read would raise
 
     def header(self, name: str) -> str | None:
         """A response header by lower-case name."""
@@ -71,6 +73,16 @@ class UpstreamResponse(Protocol):
 
     async def read_chunk(self) -> bytes:
         """Whatever body bytes are available (waiting for some); b"" at the end."""
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener`` (no read pending) after each arrival of bytes once the headers are
+        in, when the body ends with the connection, and when the response fails; None stops it.
+
+        It is called outside the HTTP parser, so it may release or close the connection.
+        """
+
+    def take_body(self) -> bytes:
+        """The whole body, once ``complete`` and without ``failure`` (``read`` without waiting)."""
 
     def splice(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
         """Hand the rest of the body to ``sink`` as it arrives (no reads any more).
@@ -109,6 +121,17 @@ class Upstream(Protocol):
         whole body, for ``read``) raises ``TimeoutError`` after that many seconds.
         """
 
+    def post_now(
+        self,
+        endpoint: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        first_byte_timeout: float | None = None,
+    ) -> UpstreamResponse | None:
+        """``post`` written at once on an idle connection, or None when none is idle; the
+        response is then followed with ``listen`` (its first-byte deadline fails it)."""
+
     async def close(self) -> None: ...
 
 
@@ -127,12 +150,11 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
-        "_done",
-        "_exception",
         "_header_bytes",
         "_headers",
         "_headers_done",
         "_headers_future",
+        "_listener",
         "_parser",
         "_paused",
         "_reader",
@@ -141,6 +163,8 @@ class _Connection(asyncio.Protocol):
         "_until_close",
         "_waiter",
         "closed",
+        "complete",
+        "failure",
         "idle_since",
         "keep_alive",
         "loop",
@@ -164,8 +188,9 @@ class _Connection(asyncio.Protocol):
         self._body_size = 0
         self._paused = False
         self._sink: Callable[[bytes], None] | None = None
-        self._exception: BaseException | None = None
-        self._done = False
+        self._listener: Callable[[], None] | None = None
+        self.failure: BaseException | None = None
+        self.complete = False
         self._headers_done = False
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
@@ -180,7 +205,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None or self._done:
+        if parser is None or self.complete:
             # Bytes nobody asked for (after a complete response): the stream is out of step.
             self._abort(UpstreamBrokenError("unexpected bytes from the model server"))
             return
@@ -193,6 +218,8 @@ class _Connection(asyncio.Protocol):
             return
         if self._header_bytes > MAX_HEADER_BYTES and not self._headers_done:
             self._abort(UpstreamBrokenError(f"response headers larger than {MAX_HEADER_BYTES} bytes"))
+        elif self._listener is not None and self._headers_done:
+            self._listener()  # after the parser returned: the listener may release the connection
 
     def eof_received(self) -> bool:
         return False  # close our side too: a half-closed connection is never reused
@@ -200,10 +227,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self._parser is None or self._done:
+        if self._parser is None or self.complete:
             return
         if self._headers_done and self._until_close and exc is None:
             self._finish()  # a body delimited by the end of the connection
+            if self._listener is not None:
+                self._listener()
             return
         self._set_exception(UpstreamBrokenError("the model server closed the connection"))
 
@@ -269,20 +298,27 @@ class _Connection(asyncio.Protocol):
 
         ``timers``, when given, keeps the first-byte deadline (its delay is ``timeout``).
         """
+        self.start(head, body, timeout, timers)
+        future = self._headers_future = self.loop.create_future()
+        return future
+
+    def start(self, head: bytes, body: bytes, timeout: float | None, timers: FixedDelay | None = None) -> None:
+        """Write one request, to be followed with ``listen`` (``send`` without its future)."""
         # One parser per connection: llhttp starts the next message after a complete one.
         parser = self._reader
         if parser is None:
             parser = self._reader = httptools.HttpResponseParser(self)
         self._parser = parser
         self._sink = None
+        self._listener = None
+        self._headers_future = None
         self._body.clear()
         self._body_size = 0
-        self._exception = None
-        self._done = self._headers_done = self._until_close = False
+        self.failure = None
+        self.complete = self._headers_done = self._until_close = False
         self._headers = {}
         self._header_bytes = 0
         self.status = 0
-        future = self._headers_future = self.loop.create_future()
         if timers is not None:
             self._timer = timers.call_later(self._first_byte_overdue)
         elif timeout is not None:
@@ -294,7 +330,6 @@ class _Connection(asyncio.Protocol):
         else:
             transport.write(head)
             transport.write(body)
-        return future
 
     def _first_byte_overdue(self) -> None:
         self._timer = None
@@ -304,7 +339,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._done = True
+        self.complete = True
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -316,12 +351,14 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._sink = None  # a failed splice writes nothing more
-        self._exception = exc
+        self.failure = exc
         for future in (self._headers_future, self._waiter):
             if future is not None and not future.done():
                 future.set_exception(exc)
                 future.exception()  # retrieved here, so an abandoned future logs nothing
         self._waiter = None
+        if self._listener is not None:
+            self._listener()
 
     def _abort(self, exc: BaseException) -> None:
         self._set_exception(exc)
@@ -344,14 +381,14 @@ class _Connection(asyncio.Protocol):
     async def read_chunk(self) -> bytes:
         body = self._body
         while not body:
-            if self._exception is not None:
-                raise self._exception
-            if self._done:
+            if self.failure is not None:
+                raise self.failure
+            if self.complete:
                 return b""
             waiter = self._waiter = self.loop.create_future()
             await waiter
-        if self._exception is not None:
-            raise self._exception
+        if self.failure is not None:
+            raise self.failure
         chunk = body.popleft() if len(body) == 1 else b"".join(body)
         body.clear()
         self._body_size = 0
@@ -359,14 +396,21 @@ class _Connection(asyncio.Protocol):
         return chunk
 
     async def read(self) -> bytes:
-        while not self._done:
-            if self._exception is not None:
-                raise self._exception
+        while not self.complete:
+            if self.failure is not None:
+                raise self.failure
             self._resume()  # the whole body is wanted: no backlog limit
             waiter = self._waiter = self.loop.create_future()
             await waiter
-        if self._exception is not None:
-            raise self._exception
+        if self.failure is not None:
+            raise self.failure
+        return self.take_body()
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        self._listener = listener
+
+    def take_body(self) -> bytes:
+        assert self.complete and self.failure is None
         body = self._body
         data = body.popleft() if len(body) == 1 else b"".join(body)
         body.clear()
@@ -375,8 +419,8 @@ class _Connection(asyncio.Protocol):
 
     def splice(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
         done = self.loop.create_future()
-        if self._exception is not None:
-            done.set_exception(self._exception)
+        if self.failure is not None:
+            done.set_exception(self.failure)
             return done
         body = self._body
         if body:
@@ -384,7 +428,7 @@ class _Connection(asyncio.Protocol):
             body.clear()
             self._body_size = 0
             sink(chunk)
-        if self._done:
+        if self.complete:
             done.set_result(None)
             return done
         self._sink = sink
@@ -404,7 +448,7 @@ class _Connection(asyncio.Protocol):
         self._set_exception(exc)
 
     def release(self) -> None:
-        if self._done and self.keep_alive and self._exception is None and not self.closed:
+        if self.complete and self.keep_alive and self.failure is None and not self.closed:
             self._parser = None
             self.pool.give_back(self)
         else:
@@ -642,6 +686,26 @@ class PooledUpstream:
         except BaseException:
             connection.close()
             raise
+        return connection
+
+    def post_now(
+        self,
+        endpoint: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        first_byte_timeout: float | None = None,
+    ) -> _Connection | None:
+        """``post`` on an idle keep-alive connection, written now, without waiting for the
+        headers (follow it with ``listen``); None when no connection is idle or the client
+        is closing. Raises as ``post`` does for a bad endpoint or header."""
+        if self.closing:
+            return None
+        pool = self._pool(endpoint)
+        head = pool.head(path, len(body), headers)
+        connection = pool.take_idle()
+        if connection is not None:
+            connection.start(head, body, first_byte_timeout, self._first_byte_timers(first_byte_timeout))
         return connection
 
     async def close(self) -> None:

@@ -3,9 +3,11 @@
 uvicorn serves small ASGI apps with ``GatewayHttpProtocol``; a raw socket client checks the
 bytes a client gets: framing (length, chunked, HEAD, 204), keep-alive and pipelining, close
 semantics, a response head sent before a slow body, 100-continue and the errors uvicorn
-answers for a broken app. Every test runs twice: through the app's ASGI dispatch, and with
-the app offered as a direct route for every POST (``direct_routes``, the way the gateway's
-proxy paths are served), whose request cycle is the protocol's own.
+answers for a broken app. Every test runs three times: through the app's ASGI dispatch; with
+the app offered as a direct route for every POST (``direct_routes``), whose request cycle is
+the protocol's own; and as a direct route with ``run_now`` (the way the gateway's proxy paths
+are served), which gets the request's cycle once its body is complete and here hands it over
+to the app in a task at once (test_server_run_now.py answers from ``run_now`` itself).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from argosy_sandbox.cluster import free_port
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-_ROUTE = ["asgi"]  # how serving() offers its app: "asgi", or "direct" for every POST
+_ROUTE = ["asgi"]  # how serving() offers its app: "asgi", or "direct" / "now" for every POST
 
 
-@pytest.fixture(autouse=True, params=["asgi", "direct"])
+@pytest.fixture(autouse=True, params=["asgi", "direct", "now"])
 def route(request: pytest.FixtureRequest) -> Iterator[str]:
     _ROUTE[0] = request.param
     yield request.param
@@ -55,10 +57,27 @@ class Routed:
         await self.app(scope, receive, send)
 
 
+class HandsOver:
+    """A direct route with ``run_now`` that hands every request to ``app`` in a task."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.handed_over = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    def run_now(self, cycle: Any) -> None:
+        self.handed_over += 1
+        cycle.hand_over(self.app)
+
+
 @contextlib.asynccontextmanager
 async def serving(app: App, **options: Any) -> AsyncIterator[int]:
     if _ROUTE[0] == "direct" and not isinstance(app, Routed):
         app = Routed(app, _EveryPath(app))
+    elif _ROUTE[0] == "now" and not isinstance(app, Routed):
+        app = Routed(app, _EveryPath(HandsOver(app)))
     port = free_port()
     config = uvicorn.Config(
         app,
