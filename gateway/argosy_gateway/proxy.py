@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from time import monotonic, perf_counter
+from types import MappingProxyType
 from typing import Any
 
 from argosy_gateway import errors
@@ -41,6 +42,8 @@ _FORWARDED_REQUEST_HEADERS = (b"x-request-id", b"traceparent", b"tracestate")
 _EVENT_STREAM = b"text/event-stream"
 _JSON = b"application/json"
 _RETRYABLE_STATUSES = (502, 503)
+Forwarded = Mapping[str, str]  # the request headers for the model server, never changed once made
+_JSON_ONLY: Forwarded = MappingProxyType({"Content-Type": "application/json"})
 
 
 class _ClientGone(Exception):
@@ -337,9 +340,10 @@ class ProxyEndpoint:
                     runtime.settings.first_byte_timeout_seconds,
                 )
                 if response is not None:
-                    in_flight = self._enter(route.name, endpoint)
+                    address = self._address(endpoint)
+                    in_flight = self._enter(route.name, endpoint, address)
                     answering = _Answering(self, cycle, exchange, route, parsed, body, forwarded, session_id)
-                    answering.started(endpoint, response, in_flight)
+                    answering.started(endpoint, address, response, in_flight)
                     return
         except GatewayError as error:
             exchange.status = error.status
@@ -362,7 +366,7 @@ class ProxyEndpoint:
         route: ModelRoute,
         parsed: ParsedRequest,
         body: bytes,
-        forwarded: dict[str, str],
+        forwarded: Forwarded,
         session_id: str | None,
         endpoint: str | None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None,
@@ -395,13 +399,11 @@ class ProxyEndpoint:
         assert task is not None
         return task
 
-    def _request_head(
-        self, scope: Mapping[str, Any]
-    ) -> tuple[int, bytes | None, str | None, str | None, dict[str, str]]:
+    def _request_head(self, scope: Mapping[str, Any]) -> tuple[int, bytes | None, str | None, str | None, Forwarded]:
         """(content length or -1, authorization, session id, multipart content type, headers to forward)."""
         content_length = -1
         authorization = session_id = content_type = None
-        forwarded: dict[str, str] = {"Content-Type": "application/json"}
+        forwarded = _JSON_ONLY  # shared, so the upstream client reuses its request head
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
@@ -412,11 +414,12 @@ class ProxyEndpoint:
             elif name == b"content-type":
                 content_type = value
             elif name in _FORWARDED_REQUEST_HEADERS:
-                forwarded[name.decode()] = value.decode("latin-1")
+                forwarded = MappingProxyType({**forwarded, name.decode(): value.decode("latin-1")})
         content_type_text = None
         if self.kind == MULTIPART_BODY and content_type is not None:
             content_type_text = content_type.decode("latin-1")
-            forwarded["Content-Type"] = content_type_text  # the boundary must reach vLLM
+            # The boundary must reach vLLM.
+            forwarded = MappingProxyType({**forwarded, "Content-Type": content_type_text})
         return content_length, authorization, session_id, content_type_text, forwarded
 
     def _route_of(
@@ -455,7 +458,7 @@ class ProxyEndpoint:
         route: ModelRoute,
         parsed: ParsedRequest,
         body: bytes,
-        forwarded: dict[str, str],
+        forwarded: Forwarded,
         session_id: str | None,
         endpoint: str | None = None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
@@ -516,7 +519,7 @@ class ProxyEndpoint:
         route: ModelRoute,
         parsed: ParsedRequest,
         body: bytes,
-        headers: dict[str, str],
+        headers: Forwarded,
         session_id: str | None,
         endpoint: str | None = None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
@@ -565,11 +568,11 @@ class ProxyEndpoint:
                 runtime.settings.eject_after_failures,
             )
 
-    def _enter(self, model: str, endpoint: str) -> tuple[str, str]:
+    def _enter(self, model: str, endpoint: str, address: bytes) -> tuple[str, str]:
         """Count an attempt in flight to ``endpoint`` (for the policies and the metrics); see ``_leave``."""
         runtime = self.runtime
         runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
-        return runtime.metrics.started(model, self._address(endpoint).decode())
+        return runtime.metrics.started(model, address.decode())
 
     def _leave(self, endpoint: str, in_flight: tuple[str, str]) -> None:
         runtime = self.runtime
@@ -593,6 +596,7 @@ class ProxyEndpoint:
         exchange: _Exchange,
         send: Send,
         endpoint: str,
+        address: bytes,
         status: int,
         content_type: bytes,
         response: UpstreamResponse,
@@ -604,20 +608,11 @@ class ProxyEndpoint:
         runtime.health.record_success(endpoint)
         if self.on_answer is not None and status == 200:
             self.on_answer(model, endpoint, body)
-        headers = self._answer_headers(endpoint, content_type, response)
+        headers = _answer_headers(address, content_type, response)
         headers.append((b"content-length", b"%d" % len(body)))
         exchange.stop_watching()
-        runtime.metrics.first_byte(model, perf_counter() - exchange.started)
-        if status == 200:
-            runtime.metrics.usage(model, *extract_usage(body[-2048:]))
+        runtime.metrics.answered(model, status, perf_counter() - exchange.started, body)
         return _respond(send, exchange.answer, status, headers, body)
-
-    def _answer_headers(self, endpoint: str, content_type: bytes, response: UpstreamResponse) -> Headers:
-        headers = [(b"content-type", content_type), (b"x-argosy-endpoint", self._address(endpoint))]
-        encoding = response.raw_header(b"content-encoding")
-        if encoding is not None:
-            headers.append((b"content-encoding", encoding))
-        return headers
 
     async def _attempt(
         self,
@@ -626,7 +621,7 @@ class ProxyEndpoint:
         model: str,
         endpoint: str,
         body: bytes,
-        headers: dict[str, str],
+        headers: Forwarded,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
         """One try on ``endpoint``; ``sent``: the response and in-flight count of a try begun already."""
@@ -635,7 +630,7 @@ class ProxyEndpoint:
         address = self._address(endpoint)
         response: UpstreamResponse | None
         if sent is None:
-            response, in_flight = None, self._enter(model, endpoint)
+            response, in_flight = None, self._enter(model, endpoint, address)
         else:
             response, in_flight = sent
         clean = False
@@ -690,7 +685,7 @@ class ProxyEndpoint:
                 ) from None
 
             if not is_stream:
-                pending = self.answered(exchange, send, endpoint, status, content_type, response, first)
+                pending = self.answered(exchange, send, endpoint, address, status, content_type, response, first)
                 if pending is not None:
                     await pending
                 clean = True
@@ -699,7 +694,7 @@ class ProxyEndpoint:
             runtime.health.record_success(endpoint)
             if self.on_answer is not None and status == 200:
                 self.on_answer(model, endpoint, first)
-            response_headers = self._answer_headers(endpoint, content_type, response)
+            response_headers = _answer_headers(address, content_type, response)
             response_headers.append((b"cache-control", b"no-cache"))
             await send({"type": "http.response.start", "status": status, "headers": response_headers})
             if first:
@@ -760,6 +755,7 @@ class _Answering:
     """
 
     __slots__ = (
+        "address",
         "body",
         "content_type",
         "cycle",
@@ -782,7 +778,7 @@ class _Answering:
         route: ModelRoute,
         parsed: ParsedRequest,
         body: bytes,
-        forwarded: dict[str, str],
+        forwarded: Forwarded,
         session_id: str | None,
     ) -> None:
         self.owner = owner
@@ -795,8 +791,9 @@ class _Answering:
         self.session_id = session_id
         self.content_type: bytes | None = None  # known once the headers were looked at
 
-    def started(self, endpoint: str, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
+    def started(self, endpoint: str, address: bytes, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
         self.endpoint = endpoint
+        self.address = address
         self.response = response
         self.in_flight = in_flight
         response.listen(self.upstream_event)
@@ -822,7 +819,8 @@ class _Answering:
             cycle = self.cycle
             owner = self.owner
             status = response.status
-            owner.answered(exchange, cycle.send, self.endpoint, status, content_type, response, response.take_body())
+            body = response.take_body()
+            owner.answered(exchange, cycle.send, self.endpoint, self.address, status, content_type, response, body)
             owner._leave(self.endpoint, self.in_flight)
             response.release()
             exchange.status = status
@@ -868,6 +866,14 @@ class _Answering:
         response.close()
         self.owner._leave(self.endpoint, self.in_flight)
         self.owner._internal_error_now(self.cycle, self.exchange)
+
+
+def _answer_headers(address: bytes, content_type: bytes, response: UpstreamResponse) -> Headers:
+    headers = [(b"content-type", content_type), (b"x-argosy-endpoint", address)]
+    encoding = response.raw_header(b"content-encoding")
+    if encoding is not None:
+        headers.append((b"content-encoding", encoding))
+    return headers
 
 
 async def _relay(

@@ -68,6 +68,10 @@ class RouteTable:
     routes: Mapping[str, ModelRoute] = field(default_factory=lambda: MappingProxyType({}))
     upstream_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     """Endpoint -> the backend key it demands (sent as ``Authorization: Bearer``); absent: none."""
+    _with_key: dict[str, tuple[Mapping[str, str], Mapping[str, str]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """Endpoint -> the last headers given to ``upstream_headers`` and what it made of them."""
 
     @classmethod
     def build(cls, routes: Iterable[ModelRoute], upstream_keys: Mapping[str, str] | None = None) -> RouteTable:
@@ -91,7 +95,14 @@ class RouteTable:
         key = self.upstream_keys.get(endpoint)
         if key is None:
             return headers
-        return {**headers, "Authorization": f"Bearer {key}"}
+        cached = self._with_key.get(endpoint)
+        if cached is not None and cached[0] is headers:  # the proxy's shared mapping, held here
+            return cached[1]
+        merged = MappingProxyType({**headers, "Authorization": f"Bearer {key}"})
+        if len(self._with_key) > 4096:
+            self._with_key.clear()
+        self._with_key[endpoint] = (headers, merged)
+        return merged
 
     def get(self, model: str) -> ModelRoute | None:
         return self.routes.get(model)

@@ -219,7 +219,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        # uvicorn's (inline: one call less per request), then a waiting direct cycle runs.
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
         now = self._now
         if now is not None:
             self._now = None

@@ -479,25 +479,29 @@ class _Pool:
         self.host_header = parts.netloc.encode("latin-1")
         self.idle: list[_Connection] = []
         self.open = 0
-        self._request_lines: dict[str, bytes] = {}
+        self._heads: dict[str, tuple[Mapping[str, str], bytes]] = {}
 
     def head(self, path: str, body_size: int, headers: Mapping[str, str]) -> bytes:
-        """The request line and headers of a POST of ``body_size`` bytes."""
-        start = self._request_lines.get(path)
-        if start is None:
-            if any(c in path for c in " \r\n"):
-                raise UpstreamBrokenError("the request path contains white space")
-            if len(self._request_lines) > 256:
-                self._request_lines.clear()
-            start = b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (path.encode("latin-1"), self.host_header)
-            self._request_lines[path] = start
-        parts = [start]
+        """The request line and headers of a POST of ``body_size`` bytes.
+
+        The lines before Content-Length are kept per path for the last ``headers`` object seen
+        (the proxy passes the same mapping for most requests, below).
+        """
+        cached = self._heads.get(path)
+        if cached is not None and cached[0] is headers:  # held here, so its identity is not reused
+            return b"%bContent-Length: %d\r\n\r\n" % (cached[1], body_size)
+        if any(c in path for c in " \r\n"):
+            raise UpstreamBrokenError("the request path contains white space")
+        parts = [b"POST %s HTTP/1.1\r\nHost: %s\r\n" % (path.encode("latin-1"), self.host_header)]
         for name, value in headers.items():
             if "\n" in value or "\r" in value:
                 raise UpstreamBrokenError(f"the {name} header contains a line break")
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-        parts.append(b"Content-Length: %d\r\n\r\n" % body_size)
-        return b"".join(parts)
+        lines = b"".join(parts)
+        if len(self._heads) > 256:
+            self._heads.clear()
+        self._heads[path] = (headers, lines)
+        return b"%bContent-Length: %d\r\n\r\n" % (lines, body_size)
 
     def forget(self, connection: _Connection) -> None:
         """A connection closed: it leaves the pool and frees its place under the limits."""

@@ -78,7 +78,7 @@ async def test_a_direct_route_answers_from_run_now_once_the_body_is_complete() -
         # Connection: close, answered from run_now: the answer, then the end of the connection.
         writer.write(request(path="/now", body=b"last", extra="Connection: close\r\n"))
         status, headers, body = await read_response(reader)
-        assert body == b"now:last" and headers[b"connection"] == b"close"
+        assert status == b"HTTP/1.1 200 OK" and body == b"now:last" and headers[b"connection"] == b"close"
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
 

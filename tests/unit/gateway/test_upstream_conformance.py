@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import aiohttp
 import pytest
@@ -131,6 +132,42 @@ async def test_request_framing_host_length_and_exact_body_bytes() -> None:
     assert headers["host"] == f"127.0.0.1:{server.port}"
     assert headers["content-type"] == "application/json"
     assert received == body
+
+
+async def test_each_request_carries_exactly_its_own_headers_and_length() -> None:
+    """The head kept for a path is reused only for the very same headers mapping."""
+    seen: list[tuple[bytes, dict[str, str], bytes]] = []
+
+    async def handler(peer: Peer) -> None:
+        while True:
+            try:
+                seen.append(await peer.request())
+            except asyncio.IncompleteReadError:
+                return
+            await peer.send(response(b"{}"))
+
+    shared = MappingProxyType({"Content-Type": "application/json"})
+    sequence = [
+        (shared, b"1"),
+        (shared, b"22"),
+        ({"Content-Type": "application/json", "x-request-id": "a"}, b"333"),
+        (shared, b"4444"),
+        (MappingProxyType({"Content-Type": "text/plain"}), b"5"),
+        ({"Content-Type": "application/json", "x-request-id": "b"}, b"66"),
+    ]
+    async with ScriptedServer(handler) as server, client() as upstream:
+        for headers, body in sequence:
+            reply = await upstream.post(server.url, "/v1/completions", body, headers)
+            assert await reply.read() == b"{}"
+            reply.release()
+        reply = await upstream.post(server.url, "/v1/embeddings", b"7", shared)
+        await reply.read()
+        reply.release()
+    sent = [({k.lower(): v for k, v in h.items()}, b) for h, b in [*sequence, (shared, b"7")]]
+    received = [({k: v for k, v in h.items() if k not in ("host", "content-length")}, b) for _, h, b in seen]
+    assert received == sent
+    assert [line for line, _, _ in seen][-1] == b"POST /v1/embeddings HTTP/1.1"
+    assert [int(headers["content-length"]) for _, headers, _ in seen] == [1, 2, 3, 4, 1, 2, 1]
 
 
 async def test_chunked_body_with_extensions_and_trailers_arrives_whole_and_the_connection_is_reused() -> None:
