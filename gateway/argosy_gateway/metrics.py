@@ -176,16 +176,6 @@ class GatewayMetrics:
             if completion_tokens:
                 self.completion_tokens[model] = self.completion_tokens.get(model, 0) + completion_tokens
 
-    def started(self, model: str, endpoint: str) -> tuple[str, str]:
-        """Count a request in flight to ``endpoint``; pass the result to ``finished``."""
-        key = (model, endpoint)
-        in_flight = self.in_flight_by_endpoint
-        in_flight[key] = in_flight.get(key, 0) + 1
-        return key
-
-    def finished(self, key: tuple[str, str]) -> None:
-        self.in_flight_by_endpoint[key] -= 1
-
     def key_admitted(self, key: str, model: str) -> None:
         child_key = ("k", key, model)
         child = self._children.get(child_key)

@@ -55,7 +55,9 @@ def parse_request(kind: str, raw: bytes, content_type: str | None = None) -> Par
         raise bad_request(f"Request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"Request body must be a JSON object, not {_type_name(body)}.", code="invalid_json")
-    model = _model(body.get("model"))
+    model = body.get("model")
+    if model.__class__ is not str or not model:
+        model = _model(model)  # raises, or passes a str subclass
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad_request(

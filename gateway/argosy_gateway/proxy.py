@@ -342,8 +342,9 @@ class ProxyEndpoint:
                 if response is not None:
                     address = self._address(endpoint)
                     in_flight = self._enter(route.name, endpoint, address)
-                    answering = _Answering(self, cycle, exchange, route, parsed, body, forwarded, session_id)
-                    answering.started(endpoint, address, response, in_flight)
+                    _Answering(self, cycle, exchange, route, parsed, body, forwarded, session_id).start(
+                        endpoint, address, response, in_flight
+                    )
                     return
         except GatewayError as error:
             exchange.status = error.status
@@ -571,17 +572,23 @@ class ProxyEndpoint:
     def _enter(self, model: str, endpoint: str, address: bytes) -> tuple[str, str]:
         """Count an attempt in flight to ``endpoint`` (for the policies and the metrics); see ``_leave``."""
         runtime = self.runtime
-        runtime.outstanding[endpoint] = runtime.outstanding.get(endpoint, 0) + 1
-        return runtime.metrics.started(model, address.decode())
+        outstanding = runtime.outstanding
+        outstanding[endpoint] = outstanding.get(endpoint, 0) + 1
+        # The metrics' requests in flight, by (model, endpoint address), kept here: every request does this.
+        key = (model, address.decode())
+        in_flight = runtime.metrics.in_flight_by_endpoint
+        in_flight[key] = in_flight.get(key, 0) + 1
+        return key
 
     def _leave(self, endpoint: str, in_flight: tuple[str, str]) -> None:
         runtime = self.runtime
-        count = runtime.outstanding.get(endpoint, 1) - 1
+        outstanding = runtime.outstanding
+        count = outstanding.get(endpoint, 1) - 1
         if count > 0:
-            runtime.outstanding[endpoint] = count
+            outstanding[endpoint] = count
         else:
-            runtime.outstanding.pop(endpoint, None)
-        runtime.metrics.finished(in_flight)
+            outstanding.pop(endpoint, None)
+        runtime.metrics.in_flight_by_endpoint[in_flight] -= 1
 
     def is_stream(self, content_type: bytes) -> bool:
         is_stream = self._is_stream.get(content_type)
@@ -610,9 +617,13 @@ class ProxyEndpoint:
             self.on_answer(model, endpoint, body)
         headers = _answer_headers(address, content_type, response)
         headers.append((b"content-length", b"%d" % len(body)))
-        exchange.stop_watching()
+        if exchange.watching:  # (run_now's requests: the answer's end unregisters their callback)
+            exchange.stop_watching()
         runtime.metrics.answered(model, status, perf_counter() - exchange.started, body)
-        return _respond(send, exchange.answer, status, headers, body)
+        if exchange.answer is not None:  # _respond(), inline
+            exchange.answer(status, headers, body)
+            return None
+        return _send_start_and_body(send, status, headers, body)
 
     async def _attempt(
         self,
@@ -791,7 +802,8 @@ class _Answering:
         self.session_id = session_id
         self.content_type: bytes | None = None  # known once the headers were looked at
 
-    def started(self, endpoint: str, address: bytes, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
+    def start(self, endpoint: str, address: bytes, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
+        """Wait for the answer of the try begun on ``endpoint``."""
         self.endpoint = endpoint
         self.address = address
         self.response = response
@@ -814,7 +826,6 @@ class _Answering:
             if not response.complete:
                 response.resume_reading()  # the whole body is wanted: no backlog limit
                 return
-            response.listen(None)
             exchange = self.exchange
             cycle = self.cycle
             owner = self.owner
@@ -822,7 +833,7 @@ class _Answering:
             body = response.take_body()
             owner.answered(exchange, cycle.send, self.endpoint, self.address, status, content_type, response, body)
             owner._leave(self.endpoint, self.in_flight)
-            response.release()
+            response.release()  # (which also stops its calls to upstream_event)
             exchange.status = status
             owner.runtime.metrics.request_done(exchange.model, status, perf_counter() - exchange.started)
         except Exception:

@@ -76,7 +76,8 @@ class UpstreamResponse(Protocol):
 
     def listen(self, listener: Callable[[], None] | None) -> None:
         """Call ``listener`` (no read pending) after each arrival of bytes once the headers are
-        in, when the body ends with the connection, and when the response fails; None stops it.
+        in, when the body ends with the connection, and when the response fails; None, ``release``
+        and ``close`` stop it.
 
         It is called outside the HTTP parser, so it may release or close the connection.
         """
@@ -448,6 +449,7 @@ class _Connection(asyncio.Protocol):
         self._set_exception(exc)
 
     def release(self) -> None:
+        self._listener = None
         if self.complete and self.keep_alive and self.failure is None and not self.closed:
             self._parser = None
             self.pool.give_back(self)
@@ -456,7 +458,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        self._sink = None
+        self._sink = self._listener = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -519,7 +521,8 @@ class _Pool:
             return
         connection.idle_since = self.loop.time()
         self.idle.append(connection)
-        self.owner.connection_idle()
+        if self.owner.waiting:  # connection_idle(), called only when someone waits
+            self.owner.connection_idle()
 
     def take_idle(self) -> _Connection | None:
         idle = self.idle
@@ -651,6 +654,10 @@ class PooledUpstream:
         self._open -= 1
         self._wake_waiters()
 
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiters)
+
     def connection_idle(self) -> None:
         self._wake_waiters()
 
@@ -709,7 +716,10 @@ class PooledUpstream:
         head = pool.head(path, len(body), headers)
         connection = pool.take_idle()
         if connection is not None:
-            connection.start(head, body, first_byte_timeout, self._first_byte_timers(first_byte_timeout))
+            timers = self._first_byte.get(first_byte_timeout) if first_byte_timeout is not None else None
+            if timers is None:
+                timers = self._first_byte_timers(first_byte_timeout)
+            connection.start(head, body, first_byte_timeout, timers)
         return connection
 
     async def close(self) -> None:
