@@ -18,7 +18,7 @@ when the client's socket buffer fills and drains and when the client goes away; 
 None hands the response back to ``send``, whose last message ends it as usual. The proxy uses it
 to pass a model server's stream on without a coroutine and a task wake-up per chunk.
 
-Three more shortcuts, all for the proxy paths:
+Four more shortcuts, all for the proxy paths:
 
 - **Direct routes.** An app may carry ``direct_routes`` (``DIRECT_ROUTES_ATTRIBUTE``): exact
   raw paths (bytes) to ASGI callables for POST requests. A POST whose request target is one of
@@ -32,6 +32,9 @@ Three more shortcuts, all for the proxy paths:
 - **Answer** (scope extension ``argosy.answer``, ``ANSWER_EXTENSION``): a whole response
   (status, headers, body) in one synchronous call, for an application that has the body
   already (the proxy's non-streamed answers and its errors).
+- **Run now** (``RUN_NOW_ATTRIBUTE``): a direct route with a ``run_now`` method gets the
+  request's ``DirectCycle`` synchronously once the body is complete, and may answer it
+  without a task, or hand it over to one (``DirectCycle``).
 
 Selected with ``uvicorn.run(..., http=HTTP_PROTOCOL)`` (cli.py and the tests' harness);
 tests/unit/gateway/test_server_protocol.py is its conformance suite. uvicorn is pinned in
