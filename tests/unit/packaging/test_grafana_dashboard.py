@@ -59,7 +59,7 @@ def _exercise(gateway: GatewayMetrics) -> None:
     gateway.request_done("m", 200, 0.1)
     gateway.first_byte("m", 0.05)
     gateway.usage("m", 3, 5)
-    gateway.started("m", "127.0.0.1:8000")
+    gateway.in_flight_by_endpoint[("m", "127.0.0.1:8000")] = 1  # as the proxy counts a request in flight
     gateway.table_published({"m": 1})
 
 
