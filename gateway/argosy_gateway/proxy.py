@@ -327,7 +327,8 @@ class ProxyEndpoint:
             if len(body) > limit:
                 raise errors.body_too_large(limit)
             route, parsed = self._route_of(exchange, key, body, content_type_text)
-            if route.endpoints and route.name not in runtime.wake.waking:
+            # A stream goes on in a task whatever happens: it is handed over before its write.
+            if route.endpoints and route.name not in runtime.wake.waking and not parsed.stream:
                 policy, affinity = self._policy(route, parsed, session_id)
                 endpoint = policy.choose(
                     route.name, runtime.health.usable(route.endpoints, monotonic()), runtime.outstanding, affinity
@@ -526,11 +527,14 @@ class ProxyEndpoint:
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
         runtime = self.runtime
-        policy, affinity = self._policy(route, parsed, session_id)
+        policy: Any = None  # the route's policy, looked up when an endpoint is to be chosen here
+        affinity: str | None = None
         tried: list[str] = []
         retries_left = runtime.settings.retries
         while True:
             if endpoint is None:
+                if policy is None:
+                    policy, affinity = self._policy(route, parsed, session_id)
                 candidates = runtime.health.usable(route.endpoints, monotonic())
                 if tried:
                     candidates = [e for e in candidates if e not in tried] or [

@@ -725,6 +725,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="skip the peers (nginx, vllm-router, when installed) measured in the same run",
     )
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        choices=["nginx", *VLLM_ROUTER_POLICIES],
+        default=["nginx", *VLLM_ROUTER_POLICIES],
+        help="which peers to measure (default all: nginx and vllm-router's policies); --no-peers for none",
+    )
     parser.add_argument("--gateway-workers", type=int, default=1)
     parser.add_argument(
         "--gateway-env",
@@ -845,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 nginx_pid: int | None = None
                 nginx_urls: dict[str, str] = {}
-                nginx = None if args.no_peers else nginx_binary()
+                nginx = None if args.no_peers or "nginx" not in args.peers else nginx_binary()
                 if nginx is not None:
                     ports = {model: free_port() for model in sim_urls}
                     nginx_urls = {model: f"http://127.0.0.1:{port}" for model, port in ports.items()}
@@ -855,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     nginx_pid = stack.enter_context(started("nginx", nginx_argv, gateway_cpu, env, nginx_log))
                     for url in nginx_urls.values():
                         wait_until_ready(f"{url}/health", nginx_pid, nginx_log)
-                elif not args.no_peers:
+                elif not args.no_peers and "nginx" in args.peers:
                     print(
                         "note: nginx is not installed; the nginx peer is skipped (Debian: apt-get install nginx-light)"
                     )
@@ -863,9 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # (policy, model) -> the vllm-router in front of that model's simulator
                 router_pids: dict[tuple[str, str], int] = {}
                 router_urls: dict[tuple[str, str], str] = {}
-                router = None if args.no_peers else vllm_router_binary()
+                policies = [p for p in VLLM_ROUTER_POLICIES if p in args.peers]
+                router = None if args.no_peers or not policies else vllm_router_binary()
                 if router is not None:
-                    for policy in VLLM_ROUTER_POLICIES:
+                    for policy in policies:
                         for model, sim_url in sim_urls.items():
                             port, metrics_port = free_port(), free_port()
                             url = router_urls[policy, model] = f"http://127.0.0.1:{port}"
@@ -880,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 )
                             )
                             wait_until_ready(f"{url}/readiness", pid, router_log)
-                elif not args.no_peers:
+                elif not args.no_peers and policies:
                     print(
                         "note: vllm-router is not installed; the vllm-router peer is skipped "
                         "(python3 -m uv pip install --python .venv/bin/python vllm-router)"

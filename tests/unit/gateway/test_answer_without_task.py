@@ -4,8 +4,8 @@ Once a keep-alive connection to an endpoint is idle, a non-streamed request is p
 written to the model server and answered from callbacks (proxy.py, ``_Answering``). Each test
 here warms the pool first, so that is the path its request takes, then checks one way the
 answer can arrive or the request can leave that path for a task: a body in several reads, a
-502 retried elsewhere or passed on, a stream, a first-byte timeout, a connection cut mid-body,
-and a client that leaves before the answer. A fresh gateway's first requests (no idle
+502 retried elsewhere or passed on, a stream (asked for, or sent unasked), a first-byte
+timeout, a connection cut mid-body, and a client that leaves before the answer. A fresh gateway's first requests (no idle
 connection) take the task path, which the other gateway tests cover.
 """
 
@@ -173,10 +173,15 @@ async def test_a_stream_on_a_kept_connection_is_passed_on_whole(
 ) -> None:
     (backend,) = await backends(1)
     gateway = await warmed(gateway_factory, tmp_path, [backend.url])
+    events = b"".join(b'data: {"n": %d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
     async with aiohttp.ClientSession() as http:
-        status, body, headers = await post(http, gateway, "stream", stream=True)
-    assert status == 200 and headers["Content-Type"] == "text/event-stream"
-    assert body == b"".join(b'data: {"n": %d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
+        # Asked for: handed to a task before it is written. Not asked for, but what the model
+        # server sends: handed over when its headers say so.
+        for extra in ({"stream": True}, {}):
+            status, body, headers = await post(http, gateway, "stream", **extra)
+            assert status == 200 and headers["Content-Type"] == "text/event-stream"
+            assert body == events
+    assert gateway.runtime.outstanding == {}
 
 
 async def test_a_silent_model_server_on_a_kept_connection_times_out_with_504(
