@@ -5,8 +5,9 @@ written to the model server and answered from callbacks (proxy.py, ``_Answering`
 here warms the pool first, so that is the path its request takes, then checks one way the
 answer can arrive or the request can leave that path for a task: a body in several reads, a
 502 retried elsewhere or passed on, a stream (asked for, or sent unasked), a first-byte
-timeout, a connection cut mid-body, and a client that leaves before the answer. A fresh gateway's first requests (no idle
-connection) take the task path, which the other gateway tests cover.
+timeout, a connection cut mid-body, and a client that leaves before the answer. A fresh
+gateway's first requests (no idle connection) take the task path, which the other gateway
+tests cover.
 """
 
 from __future__ import annotations
