@@ -199,6 +199,13 @@ def pin_to(cpu: int | None) -> Callable[[], None] | None:
     return prepare
 
 
+def stop_children_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a CI timeout) ends the benchmark as an error would: every ``started``
+    block's finally stops its process. The children run in sessions of their own, so without
+    this they outlived a killed benchmark (a vllm-router left running for 40 minutes)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextlib.contextmanager
 def started(name: str, argv: Sequence[str], cpu: int | None, env: dict[str, str], log: Path) -> Iterator[int]:
     """Run a child process for the duration of the block; yield its pid; stop it afterwards."""
@@ -772,6 +779,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_children_on_sigterm()
     if shutil.which("wrk") is None:
         print("bench-gateway needs wrk (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ from bench_gateway import (
     check_once,
     run_wrk,
     started,
+    stop_children_on_sigterm,
     wait_until_ready,
 )
 
@@ -157,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_children_on_sigterm()
     for tool in ("valgrind", "callgrind_control", "wrk"):
         if shutil.which(tool) is None:
             print(f"bench_gateway_instructions needs {tool} (Debian: valgrind, wrk)", file=sys.stderr)

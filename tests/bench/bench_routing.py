@@ -52,7 +52,14 @@ import aiohttp
 from argosy_sandbox.cluster import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import VENV_BIN, load_average, started, vllm_router_binary, wait_until_ready
+from bench_gateway import (
+    VENV_BIN,
+    load_average,
+    started,
+    stop_children_on_sigterm,
+    vllm_router_binary,
+    wait_until_ready,
+)
 
 MODEL = "bench-routing"
 CHARS_PER_TOKEN = 4  # the simulator's tokenizer
@@ -433,6 +440,7 @@ POLICIES: tuple[tuple[str, str, str, str, int, dict[str, str]], ...] = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_children_on_sigterm()
     setup = Setup(
         replicas=args.replicas,
         conversations=args.conversations,
