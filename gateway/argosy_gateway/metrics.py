@@ -151,30 +151,19 @@ class GatewayMetrics:
         histogram = self.latency.get(model)
         if histogram is None:
             histogram = self.latency[model] = _Histogram(_LATENCY_BUCKETS)
-        histogram.counts[bisect_left(histogram.bounds, duration)] += 1  # observe(), one call less
-        histogram.total += duration
+        histogram.observe(duration)
 
     def first_byte(self, model: str, seconds: float) -> None:
         histogram = self.ttfb.get(model)
         if histogram is None:
             histogram = self.ttfb[model] = _Histogram(_TTFB_BUCKETS)
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.total += seconds
+        histogram.observe(seconds)
 
     def answered(self, model: str, status: int, first_byte: float, body: bytes) -> None:
-        """A whole (non-streamed) answer passed on: ``first_byte`` and the usage of a 200's body
-        (``first_byte`` and ``usage`` in one call: it is the hot path's)."""
-        histogram = self.ttfb.get(model)
-        if histogram is None:
-            histogram = self.ttfb[model] = _Histogram(_TTFB_BUCKETS)
-        histogram.counts[bisect_left(histogram.bounds, first_byte)] += 1
-        histogram.total += first_byte
+        """A whole (non-streamed) answer passed on: ``first_byte`` and the usage of a 200's body."""
+        self.first_byte(model, first_byte)
         if status == 200:
-            prompt_tokens, completion_tokens = extract_usage(body[-2048:])
-            if prompt_tokens:
-                self.prompt_tokens[model] = self.prompt_tokens.get(model, 0) + prompt_tokens
-            if completion_tokens:
-                self.completion_tokens[model] = self.completion_tokens.get(model, 0) + completion_tokens
+            self.usage(model, *extract_usage(body[-2048:]))
 
     def key_admitted(self, key: str, model: str) -> None:
         child_key = ("k", key, model)

@@ -716,10 +716,7 @@ class PooledUpstream:
         head = pool.head(path, len(body), headers)
         connection = pool.take_idle()
         if connection is not None:
-            timers = self._first_byte.get(first_byte_timeout) if first_byte_timeout is not None else None
-            if timers is None:
-                timers = self._first_byte_timers(first_byte_timeout)
-            connection.start(head, body, first_byte_timeout, timers)
+            connection.start(head, body, first_byte_timeout, self._first_byte_timers(first_byte_timeout))
         return connection
 
     async def close(self) -> None:

@@ -13,7 +13,6 @@ tests cover.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from aiohttp import web
 
 from .conftest import GatewayFactory
 from .harness import free_port, write_routes
+from .test_server_protocol import saved_garbage
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "model-x"
@@ -254,17 +254,8 @@ async def test_answered_requests_leave_nothing_for_the_garbage_collector(
         assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(length) == ANSWER
 
     await one()
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with saved_garbage() as garbage:
         for _ in range(50):
             await one()
-        gc.collect()
-        ours = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("argosy_gateway")]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     writer.close()
-    assert ours == []
+    assert [type(o).__name__ for o in garbage if type(o).__module__.startswith("argosy_gateway")] == []

@@ -102,6 +102,23 @@ async def serving(app: App, **options: Any) -> AsyncIterator[int]:
         await asyncio.wait_for(task, 10)
 
 
+@contextlib.contextmanager
+def saved_garbage() -> Iterator[list[object]]:
+    """What the block leaves for the garbage collector (the list is filled when it ends)."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    found: list[object] = []
+    try:
+        yield found
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
     """One response: status line, headers (lower-case names), body (chunked decoded)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -382,19 +399,10 @@ async def test_answered_requests_leave_nothing_for_the_garbage_collector() -> No
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request(body=b"warm"))
         await read_response(reader)
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
+        with saved_garbage() as garbage:
             for index in range(50):
                 writer.write(request(body=b"%d" % index))
                 assert (await read_response(reader))[2] == b"POST /:%d" % index
             await asyncio.sleep(0.05)  # the last app's task has returned
-            gc.collect()
-            cycles = [o for o in gc.garbage if isinstance(o, RequestResponseCycle)]
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
         writer.close()
-    assert cycles == []
+    assert [o for o in garbage if isinstance(o, RequestResponseCycle)] == []

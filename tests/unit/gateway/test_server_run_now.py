@@ -10,13 +10,12 @@ collector.
 from __future__ import annotations
 
 import asyncio
-import gc
 from typing import Any
 
 from argosy_gateway.server import ANSWER_EXTENSION
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from .test_server_protocol import Routed, echo, read_response, request, serving
+from .test_server_protocol import Routed, echo, read_response, request, saved_garbage, serving
 
 
 class AnswersNow:
@@ -117,18 +116,9 @@ async def test_requests_answered_from_run_now_leave_nothing_for_the_garbage_coll
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request(path="/now", body=b"warm"))
         await read_response(reader)
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
+        with saved_garbage() as garbage:
             for index in range(50):
                 writer.write(request(path="/now", body=b"%d" % index))
                 assert (await read_response(reader))[2] == b"now:%d" % index
-            gc.collect()
-            cycles = [o for o in gc.garbage if isinstance(o, RequestResponseCycle)]
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
         writer.close()
-    assert cycles == []
+    assert [o for o in garbage if isinstance(o, RequestResponseCycle)] == []
