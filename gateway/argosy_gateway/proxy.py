@@ -67,6 +67,21 @@ class _Attempt(Exception):
         self.answer = answer
 
 
+class _Admitted:
+    """A request parsed, routed and admitted: what choosing an endpoint and trying it need."""
+
+    __slots__ = ("body", "forwarded", "parsed", "route", "session_id")
+
+    def __init__(
+        self, route: ModelRoute, parsed: ParsedRequest, body: bytes, forwarded: Forwarded, session_id: str | None
+    ) -> None:
+        self.route = route  # replaced by the woken one when the model had to be woken
+        self.parsed = parsed
+        self.body = body
+        self.forwarded = forwarded  # the request headers for the model server
+        self.session_id = session_id
+
+
 class _StreamSilent(Exception):
     """The upstream stream sent nothing for the between-chunk timeout."""
 
@@ -326,10 +341,11 @@ class ProxyEndpoint:
             body = cycle.take_body()
             if len(body) > limit:
                 raise errors.body_too_large(limit)
-            route, parsed = self._route_of(exchange, key, body, content_type_text)
+            request = self._admitted(exchange, key, body, content_type_text, forwarded, session_id)
+            route = request.route
             # A stream goes on in a task whatever happens: it is handed over before its write.
-            if route.endpoints and route.name not in runtime.wake.waking and not parsed.stream:
-                policy, affinity = self._policy(route, parsed, session_id)
+            if route.endpoints and route.name not in runtime.wake.waking and not request.parsed.stream:
+                policy, affinity = self._policy(request)
                 endpoint = policy.choose(
                     route.name, runtime.health.usable(route.endpoints, monotonic()), runtime.outstanding, affinity
                 )
@@ -343,9 +359,7 @@ class ProxyEndpoint:
                 if response is not None:
                     address = self._address(endpoint)
                     in_flight = self._enter(route.name, endpoint, address)
-                    _Answering(self, cycle, exchange, route, parsed, body, forwarded, session_id).start(
-                        endpoint, address, response, in_flight
-                    )
+                    _Answering(self, cycle, exchange, request).start(endpoint, address, response, in_flight)
                     return
         except GatewayError as error:
             exchange.status = error.status
@@ -359,17 +373,13 @@ class ProxyEndpoint:
             log.exception("unexpected error while proxying %s", self.path)
             self._internal_error_now(cycle, exchange)
             return
-        self._hand_over(cycle, exchange, route, parsed, body, forwarded, session_id, endpoint, None)
+        self._hand_over(cycle, exchange, request, endpoint, None)
 
     def _hand_over(
         self,
         cycle: DirectCycle,
         exchange: _Exchange,
-        route: ModelRoute,
-        parsed: ParsedRequest,
-        body: bytes,
-        forwarded: Forwarded,
-        session_id: str | None,
+        request: _Admitted,
         endpoint: str | None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None,
     ) -> None:
@@ -377,7 +387,7 @@ class ProxyEndpoint:
 
         async def rest(scope: Scope, receive: Receive, send: Send) -> None:
             exchange.task = self._current_task()
-            work = self._proceed(exchange, receive, send, route, parsed, body, forwarded, session_id, endpoint, sent)
+            work = self._proceed(exchange, receive, send, request, endpoint, sent)
             await self._guarded(exchange, send, work)
 
         cycle.hand_over(rest)
@@ -424,10 +434,16 @@ class ProxyEndpoint:
             forwarded = MappingProxyType({**forwarded, "Content-Type": content_type_text})
         return content_length, authorization, session_id, content_type_text, forwarded
 
-    def _route_of(
-        self, exchange: _Exchange, key: Any, body: bytes, content_type_text: str | None
-    ) -> tuple[ModelRoute, ParsedRequest]:
-        """The parsed request and its model's route, admitted for ``key``; raises GatewayError."""
+    def _admitted(
+        self,
+        exchange: _Exchange,
+        key: Any,
+        body: bytes,
+        content_type_text: str | None,
+        forwarded: Forwarded,
+        session_id: str | None,
+    ) -> _Admitted:
+        """The request parsed and routed to its model, admitted for ``key``; raises GatewayError."""
         runtime = self.runtime
         parsed = parse_request(self.kind, body, content_type_text)
         route = runtime.table.routes.get(parsed.model)
@@ -439,7 +455,7 @@ class ProxyEndpoint:
         exchange.model = route.name
         if key is not None:
             runtime.admit(key, route.name)
-        return route, parsed
+        return _Admitted(route, parsed, body, forwarded, session_id)
 
     async def _serve(self, exchange: _Exchange, scope: Scope, receive: Receive, send: Send) -> int:
         runtime = self.runtime
@@ -449,28 +465,25 @@ class ProxyEndpoint:
         if content_length > limit:
             raise errors.body_too_large(limit)
         body = await _read_body(receive, limit)
-        route, parsed = self._route_of(exchange, key, body, content_type_text)
-        return await self._proceed(exchange, receive, send, route, parsed, body, forwarded, session_id)
+        request = self._admitted(exchange, key, body, content_type_text, forwarded, session_id)
+        return await self._proceed(exchange, receive, send, request)
 
     async def _proceed(
         self,
         exchange: _Exchange,
         receive: Receive,
         send: Send,
-        route: ModelRoute,
-        parsed: ParsedRequest,
-        body: bytes,
-        forwarded: Forwarded,
-        session_id: str | None,
+        request: _Admitted,
         endpoint: str | None = None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
         """An admitted request from its routing on (``endpoint`` chosen already, ``sent`` to it)."""
         runtime = self.runtime
         exchange.watch_soon(self._watch_delay, receive)
+        route = request.route
         if endpoint is None and (not route.endpoints or route.name in runtime.wake.waking):  # wake and wait, or 503
-            route = await runtime.wake.ready_route(route)
-        return await self._forward(send, exchange, route, parsed, body, forwarded, session_id, endpoint, sent)
+            request.route = await runtime.wake.ready_route(route)
+        return await self._forward(send, exchange, request, endpoint, sent)
 
     async def _guarded(self, exchange: _Exchange, send: Send, work: Coroutine[Any, Any, int]) -> None:
         """Await ``work`` (which answers and returns the status); every way it can end answered and counted."""
@@ -503,30 +516,27 @@ class ProxyEndpoint:
                 exchange.stop_watching()
             runtime.metrics.request_done(exchange.model, exchange.status, perf_counter() - exchange.started)
 
-    def _policy(self, route: ModelRoute, parsed: ParsedRequest, session_id: str | None) -> tuple[Any, str | None]:
+    def _policy(self, request: _Admitted) -> tuple[Any, str | None]:
         """The route's routing policy and the request's affinity key for it."""
         runtime = self.runtime
-        policy = runtime.policies.get(route.policy) or runtime.policies[DEFAULT_POLICY]
+        policy = runtime.policies.get(request.route.policy) or runtime.policies[DEFAULT_POLICY]
         affinity: str | None = None
         if policy.needs == "prefix":
-            affinity = prompt_prefix(parsed.body, runtime.settings.prefix_chars)
+            affinity = prompt_prefix(request.parsed.body, runtime.settings.prefix_chars)
         elif policy.needs == "session":
-            affinity = session_id or parsed.user
+            affinity = request.session_id or request.parsed.user
         return policy, affinity
 
     async def _forward(
         self,
         send: Send,
         exchange: _Exchange,
-        route: ModelRoute,
-        parsed: ParsedRequest,
-        body: bytes,
-        headers: Forwarded,
-        session_id: str | None,
+        request: _Admitted,
         endpoint: str | None = None,
         sent: tuple[UpstreamResponse, tuple[str, str]] | None = None,
     ) -> int:
         runtime = self.runtime
+        route = request.route
         policy: Any = None  # the route's policy, looked up when an endpoint is to be chosen here
         affinity: str | None = None
         tried: list[str] = []
@@ -534,7 +544,7 @@ class ProxyEndpoint:
         while True:
             if endpoint is None:
                 if policy is None:
-                    policy, affinity = self._policy(route, parsed, session_id)
+                    policy, affinity = self._policy(request)
                 candidates = runtime.health.usable(route.endpoints, monotonic())
                 if tried:
                     candidates = [e for e in candidates if e not in tried] or [
@@ -542,7 +552,7 @@ class ProxyEndpoint:
                     ]
                 endpoint = policy.choose(route.name, candidates, runtime.outstanding, affinity)
             try:
-                return await self._attempt(send, exchange, route.name, endpoint, body, headers, sent)
+                return await self._attempt(send, exchange, route.name, endpoint, request.body, request.forwarded, sent)
             except _Attempt as failed:
                 tried.append(endpoint)
                 more = any(e not in tried for e in route.endpoints)
@@ -771,18 +781,14 @@ class _Answering:
 
     __slots__ = (
         "address",
-        "body",
         "content_type",
         "cycle",
         "endpoint",
         "exchange",
-        "forwarded",
         "in_flight",
         "owner",
-        "parsed",
+        "request",
         "response",
-        "route",
-        "session_id",
     )
 
     def __init__(
@@ -790,20 +796,12 @@ class _Answering:
         owner: ProxyEndpoint,
         cycle: DirectCycle,
         exchange: _Exchange,
-        route: ModelRoute,
-        parsed: ParsedRequest,
-        body: bytes,
-        forwarded: Forwarded,
-        session_id: str | None,
+        request: _Admitted,
     ) -> None:
         self.owner = owner
         self.cycle = cycle
         self.exchange = exchange
-        self.route = route
-        self.parsed = parsed
-        self.body = body
-        self.forwarded = forwarded
-        self.session_id = session_id
+        self.request = request
         self.content_type: bytes | None = None  # known once the headers were looked at
 
     def start(self, endpoint: str, address: bytes, response: UpstreamResponse, in_flight: tuple[str, str]) -> None:
@@ -861,17 +859,7 @@ class _Answering:
     def _hand_over(self) -> None:
         self.response.listen(None)
         self.cycle.client_lost(None)  # the task's exchange watches from now on
-        self.owner._hand_over(
-            self.cycle,
-            self.exchange,
-            self.route,
-            self.parsed,
-            self.body,
-            self.forwarded,
-            self.session_id,
-            self.endpoint,
-            (self.response, self.in_flight),
-        )
+        self.owner._hand_over(self.cycle, self.exchange, self.request, self.endpoint, (self.response, self.in_flight))
 
     def _bug(self) -> None:
         log.exception("unexpected error while proxying %s", self.owner.path)
